@@ -1,0 +1,73 @@
+"""The fleet as seen from a Ray driver (API replicas, the broker): start hosts, address kiosks by SN."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+
+from actors.host import KioskHostActor
+from actors.messages import EjectOutcome, KioskStatus, SlotView
+from actors.placement import host_names, owner
+from config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def start_hosts(settings: Settings) -> list[Any]:
+    """Create (or find) the named kiosk-host actors. They reserve no CPU and are restarted if they die."""
+    return [
+        KioskHostActor.options(  # type: ignore[attr-defined]
+            name=name,
+            namespace=settings.ray_namespace,
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,
+            max_concurrency=1000,
+        ).remote(settings)
+        for name in host_names(settings.kiosk_hosts)
+    ]
+
+
+class Fleet:
+    """Routes each call to the host that owns the cabinet; actor handles are cached."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.namespace = settings.ray_namespace
+        self.hosts = host_names(settings.kiosk_hosts)
+        self._handles: dict[str, Any] = {}
+
+    def host(self, serial_number: str) -> Any:
+        return self._handle(owner(serial_number, self.hosts))
+
+    def _handle(self, name: str) -> Any:
+        handle = self._handles.get(name)
+        if handle is None:
+            handle = self._handles[name] = ray.get_actor(name, namespace=self.namespace)
+        return handle
+
+    async def rent(self, serial_number: str, rental_id: str) -> EjectOutcome:
+        outcome: EjectOutcome = await self.host(serial_number).rent.remote(serial_number, rental_id)
+        return outcome
+
+    async def status(self, serial_number: str) -> KioskStatus | None:
+        status: KioskStatus | None = await self.host(serial_number).status.remote(serial_number)
+        return status
+
+    async def slots(self, serial_number: str) -> list[SlotView] | None:
+        views: list[SlotView] | None = await self.host(serial_number).slots.remote(serial_number)
+        return views
+
+    async def metric_families(self, timeout_s: float = 2.0) -> list[Any]:
+        """Every host's metric families; a host that does not answer in time is left out and logged."""
+        refs = [self._handle(name).metric_families.remote() for name in self.hosts]
+        results = await asyncio.gather(*(asyncio.wait_for(ref, timeout_s) for ref in refs), return_exceptions=True)
+        families: list[Any] = []
+        for name, result in zip(self.hosts, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("event=metrics_unavailable host=%s error=%r", name, result)
+            else:
+                families.extend(result)
+        return families

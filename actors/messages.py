@@ -1,0 +1,113 @@
+"""Messages to kiosk actors and the outcomes they answer with: small immutable data, never exceptions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+# --- messages into a kiosk's mailbox (events are past tense) ---------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CabinetConnected:
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CabinetSubscribed:
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CabinetDisconnected:
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FrameReceived:
+    kind: str  # update, heart or upload
+    payload: bytes
+
+
+KioskMessage = CabinetConnected | CabinetSubscribed | CabinetDisconnected | FrameReceived
+
+
+# --- outcomes of EjectPowerBank ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ejected:
+    request_id: str
+    powerbank_sn: str
+    slot_number: int
+    soc: int | None
+    reply_lost: bool = False  # the 0x31 never came, but a check showed the bank gone
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EjectRefused:
+    """The cabinet answered with a failure code (the protocol state byte)."""
+
+    request_id: str
+    code: int
+    slot_number: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KioskTimedOut:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KioskOffline:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KioskNotReady:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoPowerBank:
+    request_id: str
+
+
+EjectOutcome = Ejected | EjectRefused | KioskTimedOut | KioskOffline | KioskNotReady | NoPowerBank
+
+
+def outcome_reason(outcome: EjectOutcome) -> str:
+    """A short tag for logs, metrics and the rental's failure_reason."""
+    match outcome:
+        case Ejected(reply_lost=True):
+            return "lost_reply"
+        case Ejected():
+            return "success"
+        case EjectRefused(code=code):
+            return f"refused_0x{code:02x}"
+        case KioskTimedOut():
+            return "timeout"
+        case KioskOffline():
+            return "offline"
+        case KioskNotReady():
+            return "not_ready"
+        case NoPowerBank():
+            return "no_power_bank"
+
+
+# --- queries ------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotView:
+    slot_number: int
+    status: str  # AVAILABLE, OCCUPIED, MAINTENANCE, ERROR
+    state: int
+    powerbank_sn: str | None
+    battery_level: int | None
+    temperature: int | None
+    rentable: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KioskStatus:
+    serial_number: str
+    online: bool
+    ready: bool
+    total_slots: int
+    available_power_banks: int
+    empty_slots: int

@@ -1,0 +1,54 @@
+"""The FastAPI app: routers assembled in one place, errors mapped once, metrics for the whole fleet."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from api.deps import Services
+from api.envelope import install_error_handlers
+from api.routers import admin, auth, payments, rentals, stations
+from telemetry import metrics
+
+
+def create_app(services: Services, *, remote_metrics: Callable[[], Awaitable[list[Any]]] | None = None) -> FastAPI:
+    """`remote_metrics` returns the metric families of the actor processes (hosts, broker)."""
+    app = FastAPI(
+        title="ChargeGhar orchestrator",
+        version="0.1.0",
+        description="Mobile app, operator and cabinet API of the shared power-bank network.",
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    for module in (auth, stations, rentals, payments, admin):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.HTTP_SECONDS.labels(route=path, method=request.method, status=str(response.status_code)).observe(
+            time.perf_counter() - started
+        )
+        return response
+
+    @app.get("/healthz", tags=["system"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["system"])
+    async def metrics_endpoint() -> Response:
+        remote = await remote_metrics() if remote_metrics else []
+        return Response(metrics.render(remote), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/api/schema/", include_in_schema=False)
+    async def schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    return app

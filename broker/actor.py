@@ -1,0 +1,64 @@
+"""The broker as a Ray actor, so kiosk hosts on any node can publish commands through it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+
+from actors.fleet import Fleet
+from broker.service import MqttBroker
+from config import Settings
+from telemetry import metrics
+
+log = logging.getLogger(__name__)
+
+
+class FleetRouter:
+    """CabinetRouter over Ray: each cabinet's events go to the kiosk host that owns it, in order."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    async def authenticate(self, serial_number: str, password: str) -> bool:
+        ok: bool = await self.fleet.host(serial_number).authenticate.remote(serial_number, password)
+        return ok
+
+    def connected(self, serial_number: str) -> None:
+        self.fleet.host(serial_number).on_connect.remote(serial_number)
+
+    def subscribed(self, serial_number: str) -> None:
+        self.fleet.host(serial_number).on_subscribe.remote(serial_number)
+
+    def disconnected(self, serial_number: str) -> None:
+        self.fleet.host(serial_number).on_disconnect.remote(serial_number)
+
+    def frame(self, serial_number: str, kind: str, payload: bytes) -> None:
+        self.fleet.host(serial_number).on_frame.remote(serial_number, kind, payload)
+
+
+class BrokerService:
+    def __init__(self, settings: Settings) -> None:
+        self.broker = MqttBroker(
+            host=settings.mqtt_host,
+            port=settings.mqtt_port,
+            product_key=settings.mqtt_product_key,
+            router=FleetRouter(Fleet(settings)),
+            max_payload_bytes=settings.mqtt_max_payload_bytes,
+        )
+
+    async def start(self) -> None:
+        await self.broker.start()
+
+    async def publish_command(self, serial_number: str, payload: bytes) -> None:
+        await self.broker.publish_command(serial_number, payload)
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+
+    def metric_families(self) -> list[Any]:
+        return metrics.local_families()
+
+
+BrokerActor = ray.remote(BrokerService)

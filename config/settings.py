@@ -1,0 +1,68 @@
+"""Settings: environment variables (and `.env`), each default written once here."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # Where things run. Unset DATABASE_URL / REDIS_URL / RAY_ADDRESS mean "embedded / local".
+    database_url: str | None = None
+    redis_url: str | None = None
+    ray_address: str | None = None
+    ray_namespace: str = "powerbank"
+    kiosk_hosts: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8010
+
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_public_host: str | None = None
+    mqtt_product_key: str = "powerbank"
+    mqtt_max_payload_bytes: int = 4096
+
+    sms_backend: str = "console"
+    data_dir: Path = Path("./var")
+    jwt_secret: str | None = None
+    jwt_access_ttl_s: int = 15 * 60
+    jwt_refresh_ttl_s: int = 30 * 24 * 3600
+
+    otp_ttl_s: int = 300
+    otp_max_attempts: int = 5
+    otp_resend_interval_s: int = 30
+
+    eject_timeout_s: float = 15.0
+    rental_min_soc: int = 20
+    slot_max_temperature_c: int = 60
+    late_fee_per_hour: Decimal = Decimal("50.00")
+    currency: str = "NPR"
+
+    @property
+    def public_mqtt_host(self) -> str:
+        return self.mqtt_public_host or self.mqtt_host
+
+    def resolved_jwt_secret(self) -> str:
+        """JWT_SECRET, or a secret generated once and kept under DATA_DIR."""
+        if self.jwt_secret:
+            return self.jwt_secret
+        path = self.data_dir / "jwt_secret"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(48))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,78 @@
+"""One exception type per domain failure; the API maps them to the error envelope once."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class DomainError(Exception):
+    code: ClassVar[str] = "invalid_state"
+    status: ClassVar[int] = 409
+    default_message: ClassVar[str] = "The request conflicts with the current state."
+
+    def __init__(self, message: str | None = None, *, context: dict[str, Any] | None = None) -> None:
+        super().__init__(message or self.default_message)
+        self.message = message or self.default_message
+        self.context = context or {}
+
+
+class ValidationFailed(DomainError):
+    code, status, default_message = "validation_error", 400, "The request is not valid."
+
+
+class Unauthorized(DomainError):
+    code, status, default_message = "unauthorized", 401, "Authentication required: log in again."
+
+
+class Forbidden(DomainError):
+    code, status, default_message = "forbidden", 403, "You may not do this."
+
+
+class NotFound(DomainError):
+    code, status, default_message = "not_found", 404, "Not found."
+
+
+class InsufficientBalance(DomainError):
+    code, status, default_message = "insufficient_balance", 402, "Your wallet balance is too low: top up first."
+
+
+class ActiveRentalExists(DomainError):
+    code, status, default_message = "active_rental_exists", 409, "You already have an open rental."
+
+
+class NoPowerBankAvailable(DomainError):
+    code, status, default_message = "no_power_bank_available", 409, "No power bank can be rented here now."
+
+
+class InvalidState(DomainError):
+    pass
+
+
+class Conflict(DomainError):
+    code, status, default_message = "conflict", 409, "This already exists."
+
+
+class RateLimited(DomainError):
+    code, status, default_message = "rate_limited", 429, "Too many requests: wait and try again."
+
+
+class StationOffline(DomainError):
+    code, status, default_message = "station_offline", 503, "The station is offline: try another station."
+
+
+class StationNotReady(DomainError):
+    code, status = "station_not_ready", 503
+    default_message = "The station has just connected and is not ready yet: try again in a moment."
+
+
+class StationMaintenance(DomainError):
+    code, status, default_message = "station_maintenance", 503, "The station is under maintenance."
+
+
+class CabinetBusy(DomainError):
+    code, status, default_message = "cabinet_busy", 503, "The station is busy: try again in a moment."
+
+
+class EjectFailed(DomainError):
+    code, status = "eject_failed", 503
+    default_message = "The power bank did not come out; nothing was charged. Try again or use another station."

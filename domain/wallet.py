@@ -1,0 +1,128 @@
+"""Double-entry wallet ledger: every movement is two entries that sum to zero, at most once per reference."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.errors import InsufficientBalance, ValidationFailed
+from domain.pricing import money
+from storage.models import Account, AccountKind, EntryType, LedgerEntry
+from telemetry.metrics import LEDGER_ENTRIES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Movement:
+    transfer_id: uuid.UUID
+    amount: Decimal
+    balance_after: Decimal
+    applied: bool  # False when this reference had already moved money (a retry)
+
+
+async def wallet_for(session: AsyncSession, user_id: uuid.UUID, *, lock: bool = False) -> Account:
+    """The user's wallet account, created on first use."""
+    stmt = select(Account).where(Account.kind == AccountKind.WALLET, Account.user_id == user_id)
+    account = (await session.execute(stmt.with_for_update() if lock else stmt)).scalar_one_or_none()
+    if account is None:
+        account = Account(kind=AccountKind.WALLET, user_id=user_id, balance=Decimal("0.00"))
+        session.add(account)
+        await session.flush()
+        if lock:
+            await session.execute(select(Account.id).where(Account.id == account.id).with_for_update())
+    return account
+
+
+async def system_account(session: AsyncSession, kind: AccountKind) -> Account:
+    stmt = select(Account).where(Account.kind == kind, Account.user_id.is_(None))
+    return (await session.execute(stmt)).scalar_one()
+
+
+async def transfer(
+    session: AsyncSession,
+    *,
+    source: Account,
+    target: Account,
+    amount: Decimal,
+    type: EntryType,
+    reference: str,
+) -> Movement:
+    """Move `amount` from source to target once per (reference, type). Locks both rows in id order."""
+    amount = money(amount)
+    if amount <= 0:
+        raise ValidationFailed("Amounts must be positive.", context={"amount": str(amount)})
+    for account in sorted((source, target), key=lambda a: a.id):
+        await session.refresh(account, with_for_update=True)
+    done = await session.scalar(
+        select(LedgerEntry).where(
+            LedgerEntry.account_id == target.id, LedgerEntry.reference == reference, LedgerEntry.type == type
+        )
+    )
+    if done is not None:
+        return Movement(transfer_id=done.transfer_id, amount=amount, balance_after=done.balance_after, applied=False)
+    if source.kind == AccountKind.WALLET and source.balance < amount:
+        raise InsufficientBalance(context={"balance": str(source.balance), "required": str(amount)})
+    transfer_id = uuid.uuid4()
+    source.balance = money(source.balance - amount)
+    target.balance = money(target.balance + amount)
+    session.add_all(
+        [
+            LedgerEntry(
+                transfer_id=transfer_id,
+                account_id=source.id,
+                type=type,
+                amount=-amount,
+                balance_after=source.balance,
+                reference=reference,
+            ),
+            LedgerEntry(
+                transfer_id=transfer_id,
+                account_id=target.id,
+                type=type,
+                amount=amount,
+                balance_after=target.balance,
+                reference=reference,
+            ),
+        ]
+    )
+    await session.flush()
+    LEDGER_ENTRIES.labels(type=type.value).inc(2)
+    wallet_side = source if source.kind == AccountKind.WALLET else target
+    signed = -amount if wallet_side is source else amount
+    return Movement(transfer_id=transfer_id, amount=signed, balance_after=wallet_side.balance, applied=True)
+
+
+async def credit(
+    session: AsyncSession, *, user_id: uuid.UUID, amount: Decimal, type: EntryType, reference: str
+) -> Movement:
+    """Money from outside (gateway, operator) into a wallet."""
+    wallet = await wallet_for(session, user_id)
+    funding = await system_account(session, AccountKind.FUNDING)
+    return await transfer(session, source=funding, target=wallet, amount=amount, type=type, reference=reference)
+
+
+async def debit(
+    session: AsyncSession, *, user_id: uuid.UUID, amount: Decimal, type: EntryType, reference: str
+) -> Movement:
+    """Money from a wallet to revenue (rental charges, late fees)."""
+    wallet = await wallet_for(session, user_id)
+    revenue = await system_account(session, AccountKind.REVENUE)
+    return await transfer(session, source=wallet, target=revenue, amount=amount, type=type, reference=reference)
+
+
+async def ledger_imbalance(session: AsyncSession) -> Decimal:
+    """Sum over all accounts of (balance - sum of its entries), plus the sum of all entries: 0 when sound."""
+    entries = select(LedgerEntry.account_id, func.sum(LedgerEntry.amount).label("total")).group_by(
+        LedgerEntry.account_id
+    )
+    sub = entries.subquery()
+    drift = await session.scalar(
+        select(func.coalesce(func.sum(func.abs(Account.balance - func.coalesce(sub.c.total, 0))), 0)).select_from(
+            Account.__table__.outerjoin(sub, Account.id == sub.c.account_id)
+        )
+    )
+    total = await session.scalar(select(func.coalesce(func.sum(LedgerEntry.amount), 0)))
+    return money(Decimal(drift or 0) + abs(Decimal(total or 0)))

@@ -1,0 +1,95 @@
+"""`powerbank`: run the system, migrate, manage operators, simulate cabinets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from config import Settings
+
+app = typer.Typer(help="ChargeGhar orchestrator: cabinets, rentals and money on one actor system.", no_args_is_help=True)
+admin_app = typer.Typer(help="Manage operators and admins.", no_args_is_help=True)
+app.add_typer(admin_app, name="admin")
+console = Console(stderr=True)
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def up(
+    demo: Annotated[bool, typer.Option(help="Provision 3 Kathmandu stations with simulated cabinets.")] = False,
+) -> None:
+    """Start everything: database (embedded unless DATABASE_URL), cache, Ray, kiosk hosts, broker, API."""
+    from broker.service import PortInUse
+    from powerbank.serve import serve
+
+    _logging()
+    try:
+        asyncio.run(serve(Settings(), demo=demo))
+    except PortInUse as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (embedded PostgreSQL under DATA_DIR when DATABASE_URL is unset)."""
+    from powerbank.serve import database_url
+    from storage.migrate import upgrade
+
+    _logging("WARNING")
+    settings = Settings()
+    with console.status("Migrating the database…"):
+        url, embedded = database_url(settings)
+        upgrade(url)
+    console.print("[green]Database is at the latest schema.[/green]")
+    del embedded
+
+
+class StaffRole(StrEnum):
+    admin = "admin"
+    operator = "operator"
+
+
+@admin_app.command("create")
+def admin_create(
+    phone: Annotated[str, typer.Option(help="Phone number, E.164 (e.g. +9779812345678).")],
+    role: Annotated[StaffRole, typer.Option(help="admin or operator.")] = StaffRole.operator,
+) -> None:
+    """Create an operator or admin (or promote an existing user). They log in with a one-time code."""
+    from domain.errors import DomainError
+    from powerbank.serve import create_staff
+
+    _logging("WARNING")
+    try:
+        user = asyncio.run(create_staff(Settings(), phone=phone, role=role.value))
+    except DomainError as exc:
+        _fail(exc.message)
+    console.print(f"[green]{role.value} {user} ready.[/green] Log in with POST /api/auth/otp/request.")
+
+
+def _register_simulate() -> None:
+    from simulators.cli import simulate
+
+    app.command("simulate", help=simulate.__doc__)(simulate)
+
+
+_register_simulate()
+
+
+def main() -> None:
+    app()

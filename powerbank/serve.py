@@ -1,0 +1,172 @@
+"""What `powerbank up`, `migrate` and `admin create` run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import uvicorn
+from rich.console import Console
+
+from config import Settings
+from domain import stations, users
+from domain.errors import NotFound
+from powerbank.system import System, start_system
+from storage.db import Database
+from storage.embedded import EmbeddedServices
+from storage.migrate import upgrade
+from storage.models import Role
+
+log = logging.getLogger(__name__)
+console = Console()
+
+DEMO_STATIONS = [
+    ("KTM-THAMEL-01", "Thamel Chowk", "Thamel Marg, Kathmandu", 27.7154, 85.3123),
+    ("KTM-DURBAR-01", "Durbar Marg", "Durbar Marg, Kathmandu", 27.7120, 85.3180),
+    ("LTP-PATAN-01", "Patan Durbar Square", "Mangal Bazar, Lalitpur", 27.6727, 85.3250),
+]
+
+
+def database_url(settings: Settings) -> tuple[str, EmbeddedServices | None]:
+    """DATABASE_URL, or the embedded PostgreSQL under DATA_DIR (started, or joined if `up` runs)."""
+    if settings.database_url:
+        return settings.database_url, None
+    embedded = EmbeddedServices(settings.data_dir)
+    return embedded.start_postgres(), embedded
+
+
+async def create_staff(settings: Settings, *, phone: str, role: str) -> str:
+    url, embedded = await asyncio.to_thread(database_url, settings)
+    await asyncio.to_thread(upgrade, url)
+    db = Database(url)
+    try:
+        async with db.transaction() as session:
+            user = await users.ensure_staff(session, phone=phone, role=Role(role))
+            return f"{user.phone} (id {user.id})"
+    finally:
+        await db.dispose()
+        del embedded
+
+
+async def provision_demo(system: System) -> list[Any]:
+    """Three Kathmandu stations with simulated cabinets (fresh secrets each start)."""
+    from simulators.cabinet import CabinetCredentials, SimulatedCabinet
+
+    settings = system.settings
+    creds = []
+    async with system.services.db.transaction() as session:
+        for sn, name, address, lat, lng in DEMO_STATIONS:
+            try:
+                secret = await stations.rotate_secret(session, sn)
+            except NotFound:
+                _, secret = await stations.provision(
+                    session,
+                    serial_number=sn,
+                    name=name,
+                    address=address,
+                    latitude=lat,
+                    longitude=lng,
+                    boards=1,
+                    holes_per_board=8,
+                )
+            creds.append(
+                CabinetCredentials(
+                    sn=sn,
+                    host=settings.public_mqtt_host,
+                    port=settings.mqtt_port,
+                    username=sn,
+                    password=secret,
+                    product_key=settings.mqtt_product_key,
+                )
+            )
+    cabinets = [SimulatedCabinet(c, boards=1, holes_per_board=8, fill=0.75, seed=i) for i, c in enumerate(creds)]
+    for cabinet in cabinets:
+        await cabinet.start()
+    return cabinets
+
+
+def demo_instructions(settings: Settings) -> str:
+    base = f"http://{settings.http_host}:{settings.http_port}"
+    sms = settings.sms_backend
+    where = sms[len("file:") :] if sms.startswith("file:") else "this console's log (event=sms_sent)"
+    a, b = DEMO_STATIONS[0][0], DEMO_STATIONS[1][0]
+    return f"""
+[bold green]ChargeGhar is up.[/bold green]
+  API docs   {base}/docs
+  Metrics    {base}/metrics
+  MQTT       {settings.public_mqtt_host}:{settings.mqtt_port} (product key {settings.mqtt_product_key})
+  Stations   {", ".join(s[0] for s in DEMO_STATIONS)} (simulated cabinets)
+
+[bold]A full rental[/bold] (one-time codes appear in {where}):
+  # 1. an operator (in another shell): powerbank admin create --phone +9779800000001 --role operator
+  curl -s -XPOST {base}/api/auth/otp/request -H 'content-type: application/json' -d '{{"identifier":"+9779800000001"}}'
+  OP=$(curl -s -XPOST {base}/api/auth/otp/verify -H 'content-type: application/json' \\
+       -d '{{"identifier":"+9779800000001","otp":"<CODE>"}}' | python3 -c 'import json,sys;print(json.load(sys.stdin)["data"]["access"])')
+  # 2. a user logs in
+  curl -s -XPOST {base}/api/auth/otp/request -H 'content-type: application/json' -d '{{"identifier":"+9779812345678"}}'
+  LOGIN=$(curl -s -XPOST {base}/api/auth/otp/verify -H 'content-type: application/json' \\
+       -d '{{"identifier":"+9779812345678","otp":"<CODE>"}}')
+  TOKEN=$(echo "$LOGIN" | python3 -c 'import json,sys;print(json.load(sys.stdin)["data"]["access"])')
+  USER=$(echo "$LOGIN" | python3 -c 'import json,sys;print(json.load(sys.stdin)["data"]["user"]["id"])')
+  # 3. the operator credits 500 NPR
+  curl -s -XPOST {base}/api/admin/users/$USER/wallet/credit -H "authorization: Bearer $OP" \\
+       -H 'content-type: application/json' -d '{{"amount":"500","reason":"demo"}}'
+  # 4. rent at {a}
+  curl -s {base}/api/stations/{a} -H "authorization: Bearer $TOKEN"
+  curl -s -XPOST {base}/api/rentals/start -H "authorization: Bearer $TOKEN" \\
+       -H 'content-type: application/json' -d '{{"station_sn":"{a}","package_id":1}}'
+  # 5. return it into {b} (the simulated cabinet reports a 0x40), then look:
+  powerbank simulate --credentials {settings.data_dir}/demo-cabinets.json --return-sn <POWERBANK_SN> --return-to {b}
+  curl -s {base}/api/rentals/history -H "authorization: Bearer $TOKEN"
+  curl -s {base}/api/payments/transactions -H "authorization: Bearer $TOKEN"
+"""
+
+
+async def serve(settings: Settings, *, demo: bool) -> None:
+    with console.status("Starting database, cache, Ray, kiosk hosts and broker…"):
+        system = await start_system(settings)
+    cabinets: list[Any] = []
+    try:
+        if demo:
+            with console.status("Provisioning demo stations and connecting simulated cabinets…"):
+                cabinets = await provision_demo(system)
+                _save_demo_credentials(system.settings, cabinets)
+        server = uvicorn.Server(
+            uvicorn.Config(system.app, host=settings.http_host, port=settings.http_port, log_level="info")
+        )
+        serving = asyncio.create_task(server.serve())
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if demo and server.started:
+            console.print(demo_instructions(system.settings))
+        await serving
+    finally:
+        for cabinet in cabinets:
+            with contextlib.suppress(Exception):
+                await cabinet.stop()
+        await system.stop()
+
+
+def _save_demo_credentials(settings: Settings, cabinets: list[Any]) -> None:
+    import json
+
+    path = settings.data_dir / "demo-cabinets.json"
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "sn": c.credentials.sn,
+                    "host": c.credentials.host,
+                    "port": c.credentials.port,
+                    "username": c.credentials.username,
+                    "password": c.credentials.password,
+                    "product_key": c.credentials.product_key,
+                }
+                for c in cabinets
+            ],
+            indent=1,
+        )
+    )
+    path.chmod(0o600)

@@ -1,0 +1,131 @@
+"""The composition root: starts embedded services, Ray, kiosk hosts, the broker and the API app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from actors.fleet import Fleet, start_hosts
+from actors.host import BROKER_ACTOR
+from api.deps import Services
+from api.main import create_app
+from broker.actor import BrokerActor
+from broker.service import ensure_port_free
+from config import Settings
+from domain.sms import sms_backend
+from storage.db import Database
+from storage.embedded import EmbeddedServices
+from storage.migrate import upgrade
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(settings: Settings) -> None:
+    """Join RAY_ADDRESS, or start a private local Ray (own temp dir, no dashboard)."""
+    if ray.is_initialized():
+        return
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, namespace=settings.ray_namespace, log_to_driver=True)
+        return
+    ray.init(
+        namespace=settings.ray_namespace,
+        include_dashboard=False,
+        _temp_dir=tempfile.mkdtemp(prefix="ray-pb-"),
+        configure_logging=False,
+    )
+
+
+@dataclass
+class System:
+    settings: Settings
+    services: Services
+    app: FastAPI
+    hosts: list[Any]
+    broker: Any
+    embedded: EmbeddedServices | None = None
+    started_ray: bool = False
+    _stopped: bool = field(default=False, init=False)
+
+    async def remote_metrics(self) -> list[Any]:
+        families = await self.services.fleet.metric_families()
+        try:
+            families.extend(await asyncio.wait_for(self.broker.metric_families.remote(), 2.0))
+        except Exception as exc:
+            log.warning("event=metrics_unavailable actor=broker error=%r", exc)
+        return families
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            await asyncio.wait_for(self.broker.stop.remote(), 5.0)
+        except Exception as exc:
+            log.warning("event=broker_stop_failed error=%r", exc)
+        for actor in [self.broker, *self.hosts]:
+            ray.kill(actor, no_restart=True)
+        await self.services.redis.aclose()
+        await self.services.db.dispose()
+        if self.started_ray:
+            ray.shutdown()
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+async def start_system(settings: Settings, *, check_http_port: bool = True) -> System:
+    """Bring up everything the settings describe; unset DATABASE_URL/REDIS_URL/RAY_ADDRESS mean embedded."""
+    settings = settings.model_copy()
+    if check_http_port:
+        ensure_port_free(settings.http_host, settings.http_port, "HTTP_PORT")
+    ensure_port_free(settings.mqtt_host, settings.mqtt_port, "MQTT_PORT")
+    embedded = None
+    if not settings.database_url or not settings.redis_url:
+        embedded = EmbeddedServices(settings.data_dir)
+        if not settings.database_url:
+            settings.database_url = await asyncio.to_thread(embedded.start_postgres)
+        if not settings.redis_url:
+            settings.redis_url = await asyncio.to_thread(embedded.start_valkey)
+    assert settings.database_url and settings.redis_url
+    log.info("event=migrating")
+    await asyncio.to_thread(upgrade, settings.database_url)
+    settings.jwt_secret = settings.resolved_jwt_secret()  # every process signs and checks with the same key
+    started_ray = not ray.is_initialized()
+    await asyncio.to_thread(init_ray, settings)
+    hosts = start_hosts(settings)
+    broker = BrokerActor.options(  # type: ignore[attr-defined]
+        name=BROKER_ACTOR, namespace=settings.ray_namespace, get_if_exists=True, num_cpus=0, max_concurrency=1000
+    ).remote(settings)
+    await broker.start.remote()
+    services = Services(
+        settings=settings,
+        db=Database(settings.database_url),
+        redis=Redis.from_url(settings.redis_url),
+        fleet=Fleet(settings),
+        sms=sms_backend(settings.sms_backend),
+    )
+    system = System(
+        settings=settings,
+        services=services,
+        app=FastAPI(),
+        hosts=hosts,
+        broker=broker,
+        embedded=embedded,
+        started_ray=started_ray,
+    )
+    system.app = create_app(services, remote_metrics=system.remote_metrics)
+    log.info(
+        "event=system_started http=%s:%s mqtt=%s:%s hosts=%s",
+        settings.http_host,
+        settings.http_port,
+        settings.mqtt_host,
+        settings.mqtt_port,
+        len(hosts),
+    )
+    return system

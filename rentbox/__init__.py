@@ -1,0 +1,78 @@
+"""rentbox: the cabinet protocol (Volinks Powerbank Protocol V1), as a pure codec.
+
+See ``shared/protocol/rentbox-v1.md``. No I/O here: bytes and JSON in, frozen dataclasses out.
+"""
+
+from rentbox.codec import (
+    BoardInfo,
+    Decoded,
+    EjectByHoleResult,
+    EjectBySnResult,
+    EjectState,
+    Frame,
+    FrameError,
+    FrameErrorReason,
+    Heartbeat,
+    HoleInfo,
+    HoleState,
+    ReturnEvent,
+    ReturnFix,
+    ReturnState,
+    Snapshot,
+    checksum,
+    decode,
+    encode,
+)
+from rentbox.commands import (
+    CommandError,
+    check,
+    encode_command,
+    parse_command,
+    popup,
+    popup_sn,
+    reboot,
+    sign,
+)
+from rentbox.topics import (
+    DEFAULT_PRODUCT_KEY,
+    UP_KINDS,
+    command_topic,
+    parse_topic,
+    up_topic,
+    up_topic_filters,
+)
+
+__all__ = [
+    "DEFAULT_PRODUCT_KEY",
+    "UP_KINDS",
+    "BoardInfo",
+    "CommandError",
+    "Decoded",
+    "EjectByHoleResult",
+    "EjectBySnResult",
+    "EjectState",
+    "Frame",
+    "FrameError",
+    "FrameErrorReason",
+    "Heartbeat",
+    "HoleInfo",
+    "HoleState",
+    "ReturnEvent",
+    "ReturnFix",
+    "ReturnState",
+    "Snapshot",
+    "check",
+    "checksum",
+    "command_topic",
+    "decode",
+    "encode",
+    "encode_command",
+    "parse_command",
+    "parse_topic",
+    "popup",
+    "popup_sn",
+    "reboot",
+    "sign",
+    "up_topic",
+    "up_topic_filters",
+]
