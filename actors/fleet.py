@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def start_hosts(settings: Settings) -> list[Any]:
     """Create (or find) the named kiosk-host actors. They reserve no CPU and are restarted if they die."""
     return [
-        KioskHostActor.options(  # type: ignore[attr-defined]
+        KioskHostActor.options(
             name=name,
             namespace=settings.ray_namespace,
             get_if_exists=True,
@@ -63,7 +63,9 @@ class Fleet:
     async def metric_families(self, timeout_s: float = 2.0) -> list[Any]:
         """Every host's metric families; a host that does not answer in time is left out and logged."""
         refs = [self._handle(name).metric_families.remote() for name in self.hosts]
-        results = await asyncio.gather(*(asyncio.wait_for(ref, timeout_s) for ref in refs), return_exceptions=True)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(ref, timeout_s) for ref in refs), return_exceptions=True
+        )
         families: list[Any] = []
         for name, result in zip(self.hosts, results, strict=True):
             if isinstance(result, BaseException):

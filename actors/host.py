@@ -20,8 +20,8 @@ from actors.messages import (
     CabinetConnected,
     CabinetDisconnected,
     CabinetSubscribed,
-    EjectOutcome,
     Ejected,
+    EjectOutcome,
     FrameReceived,
     KioskOffline,
     KioskStatus,
@@ -100,7 +100,9 @@ class KioskHost:
         """Eject for a PENDING_POPUP rental and record the outcome durably (ACTIVE, or CANCELLED)."""
         kiosk = self.kiosks.get(serial_number)
         outcome = (
-            await kiosk.eject(request_id=rental_id) if kiosk is not None else KioskOffline(request_id=rental_id)
+            await kiosk.eject(request_id=rental_id)
+            if kiosk is not None
+            else KioskOffline(request_id=rental_id)
         )
         async with self.db.transaction() as session:
             if isinstance(outcome, Ejected):
@@ -113,7 +115,9 @@ class KioskHost:
                     at=datetime.now(UTC),
                 )
             else:
-                await rentals.cancel_pending(session, rental_id=uuid.UUID(rental_id), reason=outcome_reason(outcome))
+                await rentals.cancel_pending(
+                    session, rental_id=uuid.UUID(rental_id), reason=outcome_reason(outcome)
+                )
         return outcome
 
     def status(self, serial_number: str) -> KioskStatus | None:
@@ -153,7 +157,9 @@ class KioskHost:
         async with self.db.transaction() as session:
             await stations.record_snapshot(session, serial_number=serial_number, slots=reports)
 
-    async def powerbank_returned(self, serial_number: str, slot_number: int, powerbank_sn: str, soc: int) -> None:
+    async def powerbank_returned(
+        self, serial_number: str, slot_number: int, powerbank_sn: str, soc: int
+    ) -> None:
         async with self.db.transaction() as session:
             await stations.record_event(
                 session,

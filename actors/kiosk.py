@@ -19,8 +19,8 @@ from actors.messages import (
     CabinetConnected,
     CabinetDisconnected,
     CabinetSubscribed,
-    EjectOutcome,
     Ejected,
+    EjectOutcome,
     EjectRefused,
     FrameReceived,
     KioskMessage,
@@ -53,7 +53,9 @@ class KioskPorts(Protocol):
 
     async def snapshot_received(self, serial_number: str, slots: list[SlotView]) -> None: ...
 
-    async def powerbank_returned(self, serial_number: str, slot_number: int, powerbank_sn: str, soc: int) -> None: ...
+    async def powerbank_returned(
+        self, serial_number: str, slot_number: int, powerbank_sn: str, soc: int
+    ) -> None: ...
 
     async def status_changed(self, status: KioskStatus) -> None: ...
 
@@ -76,7 +78,12 @@ class Slot:
         self.temperature = None if hole.temperature == UNKNOWN else hole.temperature
 
     def put(self, powerbank_sn: str, soc: int) -> None:
-        self.state, self.powerbank_sn, self.soc, self.reserved = rentbox.HoleState.NORMAL, powerbank_sn, soc, False
+        self.state, self.powerbank_sn, self.soc, self.reserved = (
+            rentbox.HoleState.NORMAL,
+            powerbank_sn,
+            soc,
+            False,
+        )
 
     def empty(self) -> None:
         self.state, self.powerbank_sn, self.soc, self.temperature, self.reserved = 0, None, None, None, False
@@ -136,7 +143,9 @@ class Kiosk:
     # --- mailbox --------------------------------------------------------------------------------------
     def tell(self, message: KioskMessage) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kiosk-{self.serial_number}")
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"kiosk-{self.serial_number}"
+            )
         self._mailbox.put_nowait(message)
 
     async def drained(self) -> None:
@@ -149,7 +158,9 @@ class Kiosk:
             try:
                 await self._handle(message)
             except Exception:
-                log.exception("event=kiosk_message_failed station_sn=%s message=%r", self.serial_number, message)
+                log.exception(
+                    "event=kiosk_message_failed station_sn=%s message=%r", self.serial_number, message
+                )
             finally:
                 self._mailbox.task_done()
 
@@ -213,7 +224,9 @@ class Kiosk:
             if not waiter.done():
                 waiter.set_result(None)
         self._snapshot_waiters.clear()
-        await self.ports.snapshot_received(self.serial_number, [s.view(self.config) for s in self.slots.values()])
+        await self.ports.snapshot_received(
+            self.serial_number, [s.view(self.config) for s in self.slots.values()]
+        )
         await self.ports.status_changed(self.status())
 
     def _on_eject_result(self, result: rentbox.EjectBySnResult) -> None:
@@ -225,7 +238,12 @@ class Kiosk:
 
     async def _on_return(self, event: rentbox.ReturnEvent) -> None:
         if not event.success or event.sn is None:
-            log.warning("event=return_failed station_sn=%s hole=%s state=%s", self.serial_number, event.hole, event.state)
+            log.warning(
+                "event=return_failed station_sn=%s hole=%s state=%s",
+                self.serial_number,
+                event.hole,
+                event.state,
+            )
             return
         slot = self.slots.get(event.hole)
         if slot is None:
@@ -242,7 +260,9 @@ class Kiosk:
             online=self.online,
             ready=self.ready,
             total_slots=len(self.slots),
-            available_power_banks=sum(s.rentable(self.config) for s in self.slots.values()) if self.ready else 0,
+            available_power_banks=sum(s.rentable(self.config) for s in self.slots.values())
+            if self.ready
+            else 0,
             empty_slots=sum(s.powerbank_sn is None for s in self.slots.values()),
         )
 
@@ -267,7 +287,13 @@ class Kiosk:
             started = time.monotonic()
             outcome = await self._eject_slot(slot, slot.powerbank_sn, request_id)
             result = outcome_reason(outcome)
-            result = "success" if result == "success" else result if result in ("timeout", "lost_reply") else "failed"
+            result = (
+                "success"
+                if result == "success"
+                else result
+                if result in ("timeout", "lost_reply")
+                else "failed"
+            )
             metrics.EJECT_SECONDS.labels(result=result).observe(time.monotonic() - started)
             log.info(
                 "event=eject_outcome station_sn=%s request_id=%s outcome=%s seconds=%.3f",
@@ -300,7 +326,9 @@ class Kiosk:
         slot.reserved = False
         return EjectRefused(request_id=request_id, code=result.state, slot_number=slot.number)
 
-    async def _after_timeout(self, slot: Slot, powerbank_sn: str, soc: int | None, request_id: str) -> EjectOutcome:
+    async def _after_timeout(
+        self, slot: Slot, powerbank_sn: str, soc: int | None, request_id: str
+    ) -> EjectOutcome:
         """No 0x31: never re-send blindly. Ask for a snapshot; if the bank is gone, the reply was lost."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._snapshot_waiters.append(waiter)
@@ -314,7 +342,11 @@ class Kiosk:
             if slot.powerbank_sn is None:
                 slot.empty()
             return Ejected(
-                request_id=request_id, powerbank_sn=powerbank_sn, slot_number=slot.number, soc=soc, reply_lost=True
+                request_id=request_id,
+                powerbank_sn=powerbank_sn,
+                slot_number=slot.number,
+                soc=soc,
+                reply_lost=True,
             )
         slot.reserved = False
         return KioskTimedOut(request_id=request_id)

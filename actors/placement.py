@@ -15,6 +15,8 @@ def host_names(count: int) -> list[str]:
 
 def owner(serial_number: str, hosts: list[str]) -> str:
     def weight(host: str) -> int:
-        return int.from_bytes(hashlib.blake2b(f"{host}|{serial_number}".encode(), digest_size=8).digest(), "big")
+        return int.from_bytes(
+            hashlib.blake2b(f"{host}|{serial_number}".encode(), digest_size=8).digest(), "big"
+        )
 
     return max(hosts, key=weight)

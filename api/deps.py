@@ -80,7 +80,9 @@ class Paging:
     page_size: int
 
 
-def paging(page: Annotated[int, Query(ge=1)] = 1, page_size: Annotated[int, Query(ge=1, le=100)] = 20) -> Paging:
+def paging(
+    page: Annotated[int, Query(ge=1)] = 1, page_size: Annotated[int, Query(ge=1, le=100)] = 20
+) -> Paging:
     return Paging(page=page, page_size=page_size)
 
 

@@ -37,7 +37,9 @@ def ok(data: T, message: str = "") -> Envelope[T]:
     return Envelope(data=data, message=message)
 
 
-def error_response(status: int, code: str, message: str, context: dict[str, Any] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, context: dict[str, Any] | None = None
+) -> JSONResponse:
     error: dict[str, Any] = {"code": code, "message": message}
     if context:
         error["context"] = context
@@ -57,7 +59,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
-        return error_response(422, "validation_error", "The request body or parameters are not valid.", {"errors": details})
+        return error_response(
+            422, "validation_error", "The request body or parameters are not valid.", {"errors": details}
+        )
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -15,7 +15,9 @@ from api.routers import admin, auth, payments, rentals, stations
 from telemetry import metrics
 
 
-def create_app(services: Services, *, remote_metrics: Callable[[], Awaitable[list[Any]]] | None = None) -> FastAPI:
+def create_app(
+    services: Services, *, remote_metrics: Callable[[], Awaitable[list[Any]]] | None = None
+) -> FastAPI:
     """`remote_metrics` returns the metric families of the actor processes (hosts, broker)."""
     app = FastAPI(
         title="ChargeGhar orchestrator",
@@ -33,9 +35,9 @@ def create_app(services: Services, *, remote_metrics: Callable[[], Awaitable[lis
         response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
-        metrics.HTTP_SECONDS.labels(route=path, method=request.method, status=str(response.status_code)).observe(
-            time.perf_counter() - started
-        )
+        metrics.HTTP_SECONDS.labels(
+            route=path, method=request.method, status=str(response.status_code)
+        ).observe(time.perf_counter() - started)
         return response
 
     @app.get("/healthz", tags=["system"])

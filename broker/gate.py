@@ -43,7 +43,7 @@ def _drop(reason: str, **fields: object) -> None:
     log.warning("event=mqtt_dropped reason=%s %s", reason, " ".join(f"{k}={v}" for k, v in fields.items()))
 
 
-class CabinetGate(BaseAuthPlugin, BaseTopicPlugin):
+class CabinetGate(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no types
     @dataclass
     class Config:
         router: Any
@@ -52,7 +52,7 @@ class CabinetGate(BaseAuthPlugin, BaseTopicPlugin):
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
-        config: CabinetGate.Config = self.context.config  # type: ignore[assignment]
+        config: CabinetGate.Config = self.context.config
         self.router: CabinetRouter = config.router
         self.product_key = config.product_key
         self.max_payload_bytes = config.max_payload_bytes
@@ -79,7 +79,11 @@ class CabinetGate(BaseAuthPlugin, BaseTopicPlugin):
         own_commands = rentbox.command_topic(self.product_key, sn)
         if action == Action.PUBLISH:
             parsed = rentbox.parse_topic(topic)
-            allowed = parsed is not None and parsed == (self.product_key, sn, parsed[2]) and parsed[2] in rentbox.UP_KINDS
+            allowed = (
+                parsed is not None
+                and parsed == (self.product_key, sn, parsed[2])
+                and parsed[2] in rentbox.UP_KINDS
+            )
         else:  # SUBSCRIBE and RECEIVE: exactly its own command topic
             allowed = topic == own_commands
         if not allowed and action != Action.RECEIVE:

@@ -27,9 +27,8 @@ def ensure_port_free(host: str, port: int, setting: str) -> None:
             probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise PortInUse(
-                    f"{host}:{port} is already in use: set {setting} to a free port (e.g. {setting}={port + 1000})."
-                ) from exc
+                hint = f"set {setting} to a free port (e.g. {setting}={port + 1000})"
+                raise PortInUse(f"{host}:{port} is already in use: {hint}.") from exc
             raise
 
 
@@ -54,7 +53,9 @@ class MqttBroker:
         ensure_port_free(self.host, self.port, "MQTT_PORT")
         self._broker = Broker(self._config)
         await self._broker.start()
-        log.info("event=broker_started host=%s port=%s product_key=%s", self.host, self.port, self.product_key)
+        log.info(
+            "event=broker_started host=%s port=%s product_key=%s", self.host, self.port, self.product_key
+        )
 
     async def publish_command(self, serial_number: str, payload: bytes) -> None:
         """Commands always go out at QoS 0: a redelivered eject would eject a second power bank."""

@@ -37,7 +37,9 @@ def normalise_identifier(identifier: str) -> tuple[str, str]:
     try:
         number = phonenumbers.parse(identifier, "NP")
     except phonenumbers.NumberParseException as exc:
-        raise ValidationFailed("Not a valid phone number or email.", context={"identifier": identifier}) from exc
+        raise ValidationFailed(
+            "Not a valid phone number or email.", context={"identifier": identifier}
+        ) from exc
     if not phonenumbers.is_valid_number(number):
         raise ValidationFailed("Not a valid phone number.", context={"identifier": identifier})
     return "phone", phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
@@ -71,11 +73,15 @@ async def request_code(session: AsyncSession, *, identifier: str, settings: Sett
         )
     )
     await session.flush()
-    await sms.send(to=ident, text=f"Your ChargeGhar code is {code}. It expires in {settings.otp_ttl_s // 60} minutes.")
+    await sms.send(
+        to=ident, text=f"Your ChargeGhar code is {code}. It expires in {settings.otp_ttl_s // 60} minutes."
+    )
     return settings.otp_ttl_s
 
 
-async def verify_code(session: AsyncSession, *, identifier: str, code: str, settings: Settings) -> tuple[User, bool]:
+async def verify_code(
+    session: AsyncSession, *, identifier: str, code: str, settings: Settings
+) -> tuple[User, bool]:
     """Check the latest live code; on success return (user, is_new_user). Wrong codes count attempts."""
     kind, ident = normalise_identifier(identifier)
     now = datetime.now(UTC)
@@ -88,7 +94,9 @@ async def verify_code(session: AsyncSession, *, identifier: str, code: str, sett
     )
     if otp is None or otp.attempts >= settings.otp_max_attempts:
         raise Unauthorized("No valid code: ask for a new one.")
-    if not hmac.compare_digest(otp.code_hash, _code_hash(ident, code.strip(), settings.resolved_jwt_secret())):
+    if not hmac.compare_digest(
+        otp.code_hash, _code_hash(ident, code.strip(), settings.resolved_jwt_secret())
+    ):
         otp.attempts += 1
         raise Unauthorized("Wrong code.", context={"attempts_left": settings.otp_max_attempts - otp.attempts})
     otp.used_at = now

@@ -33,7 +33,11 @@ class NotFound(DomainError):
 
 
 class InsufficientBalance(DomainError):
-    code, status, default_message = "insufficient_balance", 402, "Your wallet balance is too low: top up first."
+    code, status, default_message = (
+        "insufficient_balance",
+        402,
+        "Your wallet balance is too low: top up first.",
+    )
 
 
 class ActiveRentalExists(DomainError):
@@ -75,4 +79,6 @@ class CabinetBusy(DomainError):
 
 class EjectFailed(DomainError):
     code, status = "eject_failed", 503
-    default_message = "The power bank did not come out; nothing was charged. Try again or use another station."
+    default_message = (
+        "The power bank did not come out; nothing was charged. Try again or use another station."
+    )

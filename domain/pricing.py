@@ -31,6 +31,8 @@ def late_hours(*, due_at: datetime, ended_at: datetime) -> int:
     return max(0, math.ceil(seconds / 3600))
 
 
-def rental_charges(*, price: Decimal, due_at: datetime, ended_at: datetime, late_fee_per_hour: Decimal) -> Charges:
+def rental_charges(
+    *, price: Decimal, due_at: datetime, ended_at: datetime, late_fee_per_hour: Decimal
+) -> Charges:
     hours = late_hours(due_at=due_at, ended_at=ended_at)
     return Charges(package_price=money(price), late_fee=money(late_fee_per_hour * hours), late_hours=hours)

@@ -45,7 +45,9 @@ class Returned:
 
 
 async def packages(session: AsyncSession) -> list[RentalPackage]:
-    rows = await session.scalars(select(RentalPackage).where(RentalPackage.is_active).order_by(RentalPackage.id))
+    rows = await session.scalars(
+        select(RentalPackage).where(RentalPackage.is_active).order_by(RentalPackage.id)
+    )
     return list(rows.all())
 
 
@@ -67,7 +69,9 @@ async def get(session: AsyncSession, rental_id: uuid.UUID, *, lock: bool = False
 async def history(
     session: AsyncSession, user_id: uuid.UUID, *, page: int, page_size: int
 ) -> tuple[list[Rental], int]:
-    count = await session.scalar(select(func.count()).select_from(Rental).where(Rental.user_id == user_id)) or 0
+    count = (
+        await session.scalar(select(func.count()).select_from(Rental).where(Rental.user_id == user_id)) or 0
+    )
     rows = await session.scalars(
         select(Rental)
         .where(Rental.user_id == user_id)
@@ -91,7 +95,11 @@ async def begin(session: AsyncSession, *, user_id: uuid.UUID, station_sn: str, p
     account = await wallet.wallet_for(session, user_id)
     if package.payment_model == PaymentModel.PREPAID and account.balance < package.price:
         raise InsufficientBalance(
-            context={"required": str(package.price), "balance": str(account.balance), "currency": account.currency}
+            context={
+                "required": str(package.price),
+                "balance": str(account.balance),
+                "currency": account.currency,
+            }
         )
     rental = Rental(
         rental_code=secrets.token_hex(4).upper(),
@@ -111,7 +119,13 @@ async def begin(session: AsyncSession, *, user_id: uuid.UUID, station_sn: str, p
 
 
 async def activate(
-    session: AsyncSession, *, rental_id: uuid.UUID, powerbank_sn: str, slot_number: int, soc: int | None, at: datetime
+    session: AsyncSession,
+    *,
+    rental_id: uuid.UUID,
+    powerbank_sn: str,
+    slot_number: int,
+    soc: int | None,
+    at: datetime,
 ) -> Rental:
     """The cabinet reported the power bank out: the rental runs from now."""
     rental = await get(session, rental_id, lock=True)
@@ -166,7 +180,10 @@ async def complete_by_return(
     bank.station_id, bank.slot_number, bank.rented_by, bank.soc = station.id, slot_number, None, soc
     stmt = (
         select(Rental)
-        .where(Rental.powerbank_sn == powerbank_sn, Rental.status.in_((RentalStatus.ACTIVE, RentalStatus.OVERDUE)))
+        .where(
+            Rental.powerbank_sn == powerbank_sn,
+            Rental.status.in_((RentalStatus.ACTIVE, RentalStatus.OVERDUE)),
+        )
         .with_for_update(of=Rental)
     )
     rental = (await session.execute(stmt)).unique().scalar_one_or_none()
@@ -177,7 +194,9 @@ async def complete_by_return(
         price=rental.package.price, due_at=rental.due_at, ended_at=at, late_fee_per_hour=late_fee_per_hour
     )
     reference = f"rental:{rental.id}"
-    charged = await _charge_up_to(session, rental.user_id, charges.package_price, EntryType.RENTAL_CHARGE, reference)
+    charged = await _charge_up_to(
+        session, rental.user_id, charges.package_price, EntryType.RENTAL_CHARGE, reference
+    )
     charged += await _charge_up_to(session, rental.user_id, charges.late_fee, EntryType.LATE_FEE, reference)
     due = money(charges.total - charged)
     rental.status = RentalStatus.COMPLETED
@@ -189,7 +208,11 @@ async def complete_by_return(
     rental.payment_status = PaymentStatus.DUE if due > 0 else PaymentStatus.PAID
     RENTALS.labels(outcome="completed").inc()
     log.info(
-        "event=rental_completed rental_id=%s station_sn=%s charged=%s due=%s", rental.id, station_sn, charged, due
+        "event=rental_completed rental_id=%s station_sn=%s charged=%s due=%s",
+        rental.id,
+        station_sn,
+        charged,
+        due,
     )
     return Returned(rental_id=rental.id, user_id=rental.user_id, charged=money(charged), due=due)
 

@@ -97,7 +97,9 @@ async def station_model(session: AsyncSession, serial_number: str) -> StationMod
 
 
 async def cabinet_secret_hash(session: AsyncSession, serial_number: str) -> str | None:
-    return await session.scalar(select(Station.mqtt_secret_hash).where(Station.serial_number == serial_number))
+    return await session.scalar(
+        select(Station.mqtt_secret_hash).where(Station.serial_number == serial_number)
+    )
 
 
 async def list_page(session: AsyncSession, *, page: int, page_size: int) -> tuple[Sequence[Station], int]:
@@ -128,7 +130,11 @@ async def record_snapshot(session: AsyncSession, *, serial_number: str, slots: S
         await session.execute(
             stmt.on_conflict_do_update(
                 index_elements=["station_id", "slot_number"],
-                set_={"state": stmt.excluded.state, "powerbank_sn": stmt.excluded.powerbank_sn, "updated_at": now},
+                set_={
+                    "state": stmt.excluded.state,
+                    "powerbank_sn": stmt.excluded.powerbank_sn,
+                    "updated_at": now,
+                },
             )
         )
     banks = [s for s in slots if s.powerbank_sn]
@@ -160,7 +166,9 @@ async def record_snapshot(session: AsyncSession, *, serial_number: str, slots: S
         )
 
 
-async def record_event(session: AsyncSession, *, station_sn: str, kind: str, payload: dict[str, object]) -> None:
+async def record_event(
+    session: AsyncSession, *, station_sn: str, kind: str, payload: dict[str, object]
+) -> None:
     session.add(DeviceEvent(station_sn=station_sn, kind=kind, payload=payload))
 
 

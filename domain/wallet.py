@@ -62,7 +62,9 @@ async def transfer(
         )
     )
     if done is not None:
-        return Movement(transfer_id=done.transfer_id, amount=amount, balance_after=done.balance_after, applied=False)
+        return Movement(
+            transfer_id=done.transfer_id, amount=amount, balance_after=done.balance_after, applied=False
+        )
     if source.kind == AccountKind.WALLET and source.balance < amount:
         raise InsufficientBalance(context={"balance": str(source.balance), "required": str(amount)})
     transfer_id = uuid.uuid4()
@@ -101,7 +103,9 @@ async def credit(
     """Money from outside (gateway, operator) into a wallet."""
     wallet = await wallet_for(session, user_id)
     funding = await system_account(session, AccountKind.FUNDING)
-    return await transfer(session, source=funding, target=wallet, amount=amount, type=type, reference=reference)
+    return await transfer(
+        session, source=funding, target=wallet, amount=amount, type=type, reference=reference
+    )
 
 
 async def debit(
@@ -110,7 +114,9 @@ async def debit(
     """Money from a wallet to revenue (rental charges, late fees)."""
     wallet = await wallet_for(session, user_id)
     revenue = await system_account(session, AccountKind.REVENUE)
-    return await transfer(session, source=wallet, target=revenue, amount=amount, type=type, reference=reference)
+    return await transfer(
+        session, source=wallet, target=revenue, amount=amount, type=type, reference=reference
+    )
 
 
 async def ledger_imbalance(session: AsyncSession) -> Decimal:
@@ -120,9 +126,9 @@ async def ledger_imbalance(session: AsyncSession) -> Decimal:
     )
     sub = entries.subquery()
     drift = await session.scalar(
-        select(func.coalesce(func.sum(func.abs(Account.balance - func.coalesce(sub.c.total, 0))), 0)).select_from(
-            Account.__table__.outerjoin(sub, Account.id == sub.c.account_id)
-        )
+        select(
+            func.coalesce(func.sum(func.abs(Account.balance - func.coalesce(sub.c.total, 0))), 0)
+        ).select_from(Account.__table__.outerjoin(sub, Account.id == sub.c.account_id))
     )
     total = await session.scalar(select(func.coalesce(func.sum(LedgerEntry.amount), 0)))
     return money(Decimal(drift or 0) + abs(Decimal(total or 0)))

@@ -13,14 +13,18 @@ from rich.console import Console
 
 from config import Settings
 
-app = typer.Typer(help="ChargeGhar orchestrator: cabinets, rentals and money on one actor system.", no_args_is_help=True)
+app = typer.Typer(
+    help="ChargeGhar orchestrator: cabinets, rentals and money on one actor system.", no_args_is_help=True
+)
 admin_app = typer.Typer(help="Manage operators and admins.", no_args_is_help=True)
 app.add_typer(admin_app, name="admin")
 console = Console(stderr=True)
 
 
 def _logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
+    )
 
 
 def _fail(message: str) -> None:
@@ -30,7 +34,9 @@ def _fail(message: str) -> None:
 
 @app.command()
 def up(
-    demo: Annotated[bool, typer.Option(help="Provision 3 Kathmandu stations with simulated cabinets.")] = False,
+    demo: Annotated[
+        bool, typer.Option(help="Provision 3 Kathmandu stations with simulated cabinets.")
+    ] = False,
 ) -> None:
     """Start everything: database (embedded unless DATABASE_URL), cache, Ray, kiosk hosts, broker, API."""
     from broker.service import PortInUse

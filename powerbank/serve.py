@@ -81,7 +81,9 @@ async def provision_demo(system: System) -> list[Any]:
                     product_key=settings.mqtt_product_key,
                 )
             )
-    cabinets = [SimulatedCabinet(c, boards=1, holes_per_board=8, fill=0.75, seed=i) for i, c in enumerate(creds)]
+    cabinets = [
+        SimulatedCabinet(c, boards=1, holes_per_board=8, fill=0.75, seed=i) for i, c in enumerate(creds)
+    ]
     for cabinet in cabinets:
         await cabinet.start()
     return cabinets
@@ -137,7 +139,7 @@ async def serve(settings: Settings, *, demo: bool) -> None:
             uvicorn.Config(system.app, host=settings.http_host, port=settings.http_port, log_level="info")
         )
         serving = asyncio.create_task(server.serve())
-        while not server.started and not serving.done():
+        while not server.started and not serving.done():  # noqa: ASYNC110 (uvicorn offers only a flag)
             await asyncio.sleep(0.05)
         if demo and server.started:
             console.print(demo_instructions(system.settings))

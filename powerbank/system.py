@@ -99,8 +99,12 @@ async def start_system(settings: Settings, *, check_http_port: bool = True) -> S
     started_ray = not ray.is_initialized()
     await asyncio.to_thread(init_ray, settings)
     hosts = start_hosts(settings)
-    broker = BrokerActor.options(  # type: ignore[attr-defined]
-        name=BROKER_ACTOR, namespace=settings.ray_namespace, get_if_exists=True, num_cpus=0, max_concurrency=1000
+    broker: Any = BrokerActor.options(
+        name=BROKER_ACTOR,
+        namespace=settings.ray_namespace,
+        get_if_exists=True,
+        num_cpus=0,
+        max_concurrency=1000,
     ).remote(settings)
     await broker.start.remote()
     services = Services(

@@ -418,7 +418,7 @@ def decode(data: bytes, *, holes_per_board: int | None = None, strict_checksum: 
     Raises :class:`FrameError` (and nothing else) for any invalid input.
     """
     if holes_per_board is not None and holes_per_board < 1:
-        raise ValueError(f"holes_per_board must be at least 1, got {holes_per_board}")
+        raise FrameError("bad_structure", f"holes_per_board must be at least 1, got {holes_per_board}")
     data = bytes(data)
     if len(data) < MIN_FRAME_LENGTH:
         raise FrameError(

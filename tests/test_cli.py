@@ -1,0 +1,91 @@
+"""The `powerbank` CLI as a user runs it: help, a taken port, and `up` on embedded defaults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+POWERBANK = str(Path(sys.executable).with_name("powerbank"))
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "RAY_ADDRESS")}
+    env.update(
+        {"DATA_DIR": str(tmp_path / "var"), "HTTP_PORT": str(free_port()), "MQTT_PORT": str(free_port())}
+    )
+    env.update(extra)
+    return env
+
+
+def test_help_lists_the_commands() -> None:
+    out = subprocess.run([POWERBANK, "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("up", "migrate", "admin", "simulate"):
+        assert command in out
+
+
+def test_taken_mqtt_port_fails_fast_naming_the_setting(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [POWERBANK, "up"],
+            env=_env(tmp_path, MQTT_PORT=str(port)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert "MQTT_PORT" in result.stderr and str(port) in result.stderr
+
+
+@pytest.mark.integration
+def test_up_runs_on_embedded_defaults_and_admin_create_works_beside_it(tmp_path: Path) -> None:
+    """Nothing external: embedded PostgreSQL and Valkey, a local Ray, the broker and the API."""
+    env = _env(tmp_path)
+    base = f"http://127.0.0.1:{env['HTTP_PORT']}"
+    log = (tmp_path / "up.log").open("w")
+    proc = subprocess.Popen([POWERBANK, "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "powerbank up did not become healthy in 120 s"
+            time.sleep(0.5)
+        assert httpx.get(f"{base}/docs").status_code == 200
+        assert httpx.get(f"{base}/api/rentals/packages").json()["error"]["code"] == "unauthorized"
+        assert "powerbank_cabinets_online" in httpx.get(f"{base}/metrics").text
+        created = subprocess.run(
+            [POWERBANK, "admin", "create", "--phone", "+9779800000001", "--role", "operator"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert created.returncode == 0, created.stderr
+        assert "+9779800000001" in created.stdout + created.stderr
+        assert (tmp_path / "var" / "postgres" / "PG_VERSION").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        finally:
+            log.close()
