@@ -44,7 +44,8 @@ async def transaction(svc: ServicesDep) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-SessionDep = Annotated[AsyncSession, Depends(transaction)]
+# scope="function": commit before the response is sent, so a client never reads ahead of its own write.
+SessionDep = Annotated[AsyncSession, Depends(transaction, scope="function")]
 bearer = HTTPBearer(auto_error=False)
 
 
