@@ -27,6 +27,16 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def _sample(text: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return 0.0
+
+
 def test_help_lists_the_commands() -> None:
     out = subprocess.run([POWERBANK, "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("up", "migrate", "admin", "simulate"):
@@ -50,12 +60,13 @@ def test_taken_mqtt_port_fails_fast_naming_the_setting(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_up_runs_on_embedded_defaults_and_admin_create_works_beside_it(tmp_path: Path) -> None:
-    """Nothing external: embedded PostgreSQL and Valkey, a local Ray, the broker and the API."""
+def test_up_demo_runs_on_embedded_defaults_and_admin_create_works_beside_it(tmp_path: Path) -> None:
+    """`make up`: nothing external (embedded PostgreSQL and Valkey, a local Ray, the broker, the API),
+    three demo stations whose simulated cabinets connect and become ready."""
     env = _env(tmp_path)
     base = f"http://127.0.0.1:{env['HTTP_PORT']}"
     log = (tmp_path / "up.log").open("w")
-    proc = subprocess.Popen([POWERBANK, "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([POWERBANK, "up", "--demo"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -69,7 +80,11 @@ def test_up_runs_on_embedded_defaults_and_admin_create_works_beside_it(tmp_path:
             time.sleep(0.5)
         assert httpx.get(f"{base}/docs").status_code == 200
         assert httpx.get(f"{base}/api/rentals/packages").json()["error"]["code"] == "unauthorized"
-        assert "powerbank_cabinets_online" in httpx.get(f"{base}/metrics").text
+        while _sample(httpx.get(f"{base}/metrics").text, "powerbank_cabinets_ready") < 3:
+            assert time.monotonic() < deadline, "the demo cabinets did not become ready"
+            time.sleep(0.5)
+        assert (tmp_path / "var" / "demo-cabinets.json").exists()
+        assert "curl" in (tmp_path / "up.log").read_text()
         created = subprocess.run(
             [POWERBANK, "admin", "create", "--phone", "+9779800000001", "--role", "operator"],
             env=env,
