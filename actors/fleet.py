@@ -26,7 +26,7 @@ def start_hosts(settings: Settings) -> list[Any]:
             num_cpus=0,
             max_restarts=-1,
             max_concurrency=1000,
-        ).remote(settings)
+        ).remote(settings, name)
         for name in host_names(settings.kiosk_hosts)
     ]
 
@@ -59,6 +59,15 @@ class Fleet:
     async def slots(self, serial_number: str) -> list[SlotView] | None:
         views: list[SlotView] | None = await self.host(serial_number).slots.remote(serial_number)
         return views
+
+    def broker_restarted(self) -> list[Any]:
+        return [self._handle(name).broker_restarted.remote() for name in self.hosts]
+
+    async def tick(self) -> None:
+        await asyncio.gather(*(self._handle(name).tick.remote() for name in self.hosts))
+
+    async def drained(self) -> None:
+        await asyncio.gather(*(self._handle(name).drained.remote() for name in self.hosts))
 
     async def metric_families(self, timeout_s: float = 2.0) -> list[Any]:
         """Every host's metric families; a host that does not answer in time is left out and logged."""

@@ -2,34 +2,43 @@
 
 A host owns the cabinets that rendezvous hashing gives it. It is the kiosks' way to the world: it
 publishes their commands through the broker actor, records what they report through the domain, and
-keeps each station's live summary in Redis for station lists.
+keeps each station's live summary in Redis for station lists. When Ray restarts a host after a crash,
+it rebuilds its kiosks from the database and asks every cabinet the broker still has connected for a
+snapshot, which reconciles what happened meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import ray
 from redis.asyncio import Redis
 
-from actors.kiosk import Kiosk, KioskConfig
+from actors.kiosk import Kiosk, KioskConfig, Returned
 from actors.messages import (
     CabinetConnected,
     CabinetDisconnected,
     CabinetSubscribed,
     Ejected,
     EjectOutcome,
+    EjectUnconfirmed,
     FrameReceived,
+    KioskMessage,
     KioskOffline,
     KioskStatus,
     SlotView,
+    Tick,
     outcome_reason,
 )
+from actors.placement import host_names, owner
 from config import Settings
 from domain import rentals, stations
+from domain.stations import StationModel
 from storage.db import Database
 from telemetry import metrics
 
@@ -44,21 +53,65 @@ def live_key(serial_number: str) -> str:
 class KioskHost:
     """Plain async class; `KioskHostActor` below is its Ray actor form."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, name: str) -> None:
         self.settings = settings
+        self.name = name
+        self.hosts = host_names(settings.kiosk_hosts)
         self.config = KioskConfig(
             eject_timeout_s=settings.eject_timeout_s,
             min_soc=settings.rental_min_soc,
             max_temperature_c=settings.slot_max_temperature_c,
+            eject_queue_limit=settings.eject_queue_limit,
+            eject_banks_tried=settings.eject_banks_tried,
+            slot_quarantine_s=settings.slot_quarantine_s,
+            silence_timeout_s=settings.cabinet_silence_timeout_s,
+            strict_checksum=settings.strict_checksum,
         )
         assert settings.database_url and settings.redis_url, "hosts get resolved DATABASE_URL and REDIS_URL"
         self.db = Database(settings.database_url, pool_size=3)
         self.redis: Redis = Redis.from_url(settings.redis_url)
         self.kiosks: dict[str, Kiosk] = {}
         self._broker: Any = None
+        self._started: asyncio.Task[None] | None = None
+
+    def _kiosk(self, model: StationModel, known: dict[int, tuple[str, int | None]] | None = None) -> Kiosk:
+        return Kiosk(
+            serial_number=model.serial_number,
+            boards=model.boards,
+            holes_per_board=model.holes_per_board,
+            config=self.config,
+            ports=self,
+            known=known,
+        )
+
+    async def started(self) -> None:
+        """Build this host's kiosks from the database once, then resync with the cabinets still connected."""
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_task(self._rebuild())
+        await asyncio.shield(self._started)
+
+    async def _rebuild(self) -> None:
+        async with self.db.transaction() as session:
+            views = await stations.durable_views(session)
+        for model, known in views:
+            if owner(model.serial_number, self.hosts) == self.name and model.serial_number not in self.kiosks:
+                self.kiosks[model.serial_number] = self._kiosk(model, known)
+        try:
+            connected = await self._broker_actor().connected_cabinets.remote()
+        except Exception as exc:  # the broker may be (re)starting: cabinets will reconnect
+            log.warning("event=host_resync_skipped host=%s error=%r", self.name, exc)
+            connected = []
+        for sn in connected:
+            if sn in self.kiosks:
+                self.kiosks[sn].tell(CabinetConnected())
+                self.kiosks[sn].tell(CabinetSubscribed())
+        log.info(
+            "event=host_started host=%s kiosks=%s connected=%s", self.name, len(self.kiosks), len(connected)
+        )
 
     # --- the cabinet's session, as the broker sees it ------------------------------------------------
     async def authenticate(self, serial_number: str, password: str) -> bool:
+        await self.started()
         async with self.db.transaction() as session:
             stored = await stations.cabinet_secret_hash(session, serial_number)
             model = await stations.station_model(session, serial_number)
@@ -66,28 +119,29 @@ class KioskHost:
             return False
         kiosk = self.kiosks.get(serial_number)
         if kiosk is None or kiosk.holes_per_board != model.holes_per_board:
-            self.kiosks[serial_number] = Kiosk(
-                serial_number=serial_number,
-                boards=model.boards,
-                holes_per_board=model.holes_per_board,
-                config=self.config,
-                ports=self,
-            )
+            self.kiosks[serial_number] = self._kiosk(model)
         return True
 
-    def on_connect(self, serial_number: str) -> None:
-        self._tell(serial_number, CabinetConnected())
+    async def on_connect(self, serial_number: str) -> None:
+        await self._tell(serial_number, CabinetConnected())
 
-    def on_subscribe(self, serial_number: str) -> None:
-        self._tell(serial_number, CabinetSubscribed())
+    async def on_subscribe(self, serial_number: str) -> None:
+        await self._tell(serial_number, CabinetSubscribed())
 
-    def on_disconnect(self, serial_number: str) -> None:
-        self._tell(serial_number, CabinetDisconnected())
+    async def on_disconnect(self, serial_number: str) -> None:
+        await self._tell(serial_number, CabinetDisconnected())
 
-    def on_frame(self, serial_number: str, kind: str, payload: bytes) -> None:
-        self._tell(serial_number, FrameReceived(kind=kind, payload=payload))
+    async def on_frame(self, serial_number: str, kind: str, payload: bytes) -> None:
+        await self._tell(serial_number, FrameReceived(kind=kind, payload=payload))
 
-    def _tell(self, serial_number: str, message: Any) -> None:
+    async def broker_restarted(self) -> None:
+        """The broker lost every connection: every cabinet is offline until it reconnects."""
+        await self.started()
+        for kiosk in self.kiosks.values():
+            kiosk.tell(CabinetDisconnected())
+
+    async def _tell(self, serial_number: str, message: KioskMessage) -> None:
+        await self.started()
         kiosk = self.kiosks.get(serial_number)
         if kiosk is None:
             metrics.MQTT_DROPPED.labels(reason="unknown_cabinet").inc()
@@ -98,12 +152,15 @@ class KioskHost:
     # --- requests from the API ---------------------------------------------------------------------------
     async def rent(self, serial_number: str, rental_id: str) -> EjectOutcome:
         """Eject for a PENDING_POPUP rental and record the outcome durably (ACTIVE, or CANCELLED)."""
+        await self.started()
         kiosk = self.kiosks.get(serial_number)
         outcome = (
             await kiosk.eject(request_id=rental_id)
             if kiosk is not None
             else KioskOffline(request_id=rental_id)
         )
+        if isinstance(outcome, EjectUnconfirmed):
+            return outcome  # stays PENDING_POPUP, resolved from the cabinet's next snapshot
         async with self.db.transaction() as session:
             if isinstance(outcome, Ejected):
                 await rentals.activate(
@@ -120,13 +177,37 @@ class KioskHost:
                 )
         return outcome
 
-    def status(self, serial_number: str) -> KioskStatus | None:
+    async def status(self, serial_number: str) -> KioskStatus | None:
+        await self.started()
         kiosk = self.kiosks.get(serial_number)
         return kiosk.status() if kiosk is not None else None
 
-    def slots(self, serial_number: str) -> list[SlotView] | None:
+    async def slots(self, serial_number: str) -> list[SlotView] | None:
+        await self.started()
         kiosk = self.kiosks.get(serial_number)
         return kiosk.slot_views() if kiosk is not None else None
+
+    async def tick(self) -> None:
+        """Periodic (driven by the system's supervisor): silence timeouts and stale PENDING_POPUP rentals."""
+        await self.started()
+        now = time.monotonic()
+        for kiosk in self.kiosks.values():
+            kiosk.tell(Tick(now=now))
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.pending_popup_resolve_s)
+        abandon = datetime.now(UTC) - timedelta(seconds=self.settings.pending_popup_abandon_s)
+        async with self.db.transaction() as session:
+            stale = await rentals.pending_stations(session, older_than=cutoff)
+            for sn in stale:
+                owned = self.kiosks.get(sn)
+                if owned is None:
+                    continue
+                if owned.ready:
+                    present = {s.powerbank_sn for s in owned.slots.values() if s.powerbank_sn}
+                    await rentals.resolve_pending(
+                        session, station_sn=sn, present=present, exclude=owned.in_flight, older_than=cutoff
+                    )
+                else:  # offline too long to tell: give up on the eject (nothing is charged)
+                    await rentals.cancel_pending_before(session, station_sn=sn, before=abandon)
 
     def metric_families(self) -> list[Any]:
         kiosks = list(self.kiosks.values())
@@ -141,11 +222,30 @@ class KioskHost:
             metrics.SLOTS.labels(state=state).set(count)
         return metrics.local_families()
 
+    async def drained(self) -> None:
+        """Wait until every kiosk has handled what it was told (tests use it instead of sleeping)."""
+        await asyncio.gather(*(k.drained() for k in self.kiosks.values()))
+
     # --- KioskPorts ---------------------------------------------------------------------------------------
-    async def publish(self, serial_number: str, payload: bytes) -> None:
+    def _broker_actor(self) -> Any:
         if self._broker is None:
             self._broker = ray.get_actor(BROKER_ACTOR, namespace=self.settings.ray_namespace)
-        await self._broker.publish_command.remote(serial_number, payload)
+        return self._broker
+
+    async def publish(self, serial_number: str, payload: bytes) -> None:
+        await self._broker_actor().publish_command.remote(serial_number, payload)
+
+    async def eject_dispatched(
+        self, request_id: str, slot_number: int, powerbank_sn: str, soc: int | None
+    ) -> None:
+        async with self.db.transaction() as session:
+            await rentals.dispatch_eject(
+                session,
+                rental_id=uuid.UUID(request_id),
+                powerbank_sn=powerbank_sn,
+                slot_number=slot_number,
+                soc=soc,
+            )
 
     async def snapshot_received(self, serial_number: str, slots: list[SlotView]) -> None:
         reports = [
@@ -167,14 +267,37 @@ class KioskHost:
                 kind="return",
                 payload={"slot_number": slot_number, "powerbank_sn": powerbank_sn, "soc": soc},
             )
-            await rentals.complete_by_return(
-                session,
-                powerbank_sn=powerbank_sn,
-                station_sn=serial_number,
-                slot_number=slot_number,
-                soc=soc,
-                at=datetime.now(UTC),
-                late_fee_per_hour=self.settings.late_fee_per_hour,
+            await self._close_rental(session, serial_number, slot_number, powerbank_sn, soc)
+
+    async def _close_rental(
+        self, session: Any, serial_number: str, slot_number: int, powerbank_sn: str, soc: int | None
+    ) -> None:
+        await rentals.complete_by_return(
+            session,
+            powerbank_sn=powerbank_sn,
+            station_sn=serial_number,
+            slot_number=slot_number,
+            soc=soc,
+            at=datetime.now(UTC),
+            late_fee_per_hour=self.settings.late_fee_per_hour,
+        )
+
+    async def reconcile(
+        self, serial_number: str, *, present: set[str], appeared: list[Returned], in_flight: str | None
+    ) -> None:
+        async with self.db.transaction() as session:
+            for bank in appeared:
+                await stations.record_event(
+                    session,
+                    station_sn=serial_number,
+                    kind="return_reconciled",
+                    payload={"slot_number": bank.slot_number, "powerbank_sn": bank.powerbank_sn},
+                )
+                await self._close_rental(
+                    session, serial_number, bank.slot_number, bank.powerbank_sn, bank.soc
+                )
+            await rentals.resolve_pending(
+                session, station_sn=serial_number, present=present, exclude=in_flight
             )
 
     async def status_changed(self, status: KioskStatus) -> None:

@@ -2,8 +2,15 @@
 
 A Kiosk has one mailbox, handled by one task, so frames and connection events are applied one at a
 time in arrival order. Its Slots are owned by it and changed only from that mailbox. An eject is a
-request/response on top: at most one is in flight per cabinet; the cabinet's 0x31 (read from the
-mailbox) completes it. Ray is not needed here: a kiosk-host actor hosts many Kiosks (`actors.host`).
+request/response on top: at most one is in flight per cabinet (others wait in a bounded queue); the
+cabinet's 0x31, read from the mailbox, completes it. Ray is not needed here: a kiosk-host actor hosts
+many Kiosks (`actors.host`).
+
+Eject protocol (shared/protocol/rentbox-v1.md, "Reliability rule"): the command goes out once at QoS 0.
+No reply in time → send `check`: the SN gone from its hole means it was ejected and only the reply was
+lost; the SN still there means retry once with a fresh timestamp. A hole-level failure code quarantines
+the hole and the next-best bank is tried. No snapshot at all → the outcome is unconfirmed and the
+rental stays PENDING_POPUP until the cabinet next reports its holes.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,7 +30,9 @@ from actors.messages import (
     Ejected,
     EjectOutcome,
     EjectRefused,
+    EjectUnconfirmed,
     FrameReceived,
+    KioskBusy,
     KioskMessage,
     KioskNotReady,
     KioskOffline,
@@ -30,12 +40,15 @@ from actors.messages import (
     KioskTimedOut,
     NoPowerBank,
     SlotView,
+    Tick,
     outcome_reason,
 )
 from telemetry import metrics
 
 log = logging.getLogger(__name__)
 UNKNOWN = 255
+# Failure codes that are about one hole or bank: quarantine that hole and try the next-best bank.
+HOLE_FAILURES = frozenset({0x00, 0x11, 0x12, 0xFB, 0xFC})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,7 +56,18 @@ class KioskConfig:
     eject_timeout_s: float
     min_soc: int
     max_temperature_c: int
+    eject_queue_limit: int = 5
+    eject_banks_tried: int = 2
+    slot_quarantine_s: float = 600.0
+    silence_timeout_s: float = 300.0
     strict_checksum: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Returned:
+    slot_number: int
+    powerbank_sn: str
+    soc: int | None
 
 
 class KioskPorts(Protocol):
@@ -51,10 +75,18 @@ class KioskPorts(Protocol):
 
     async def publish(self, serial_number: str, payload: bytes) -> None: ...
 
+    async def eject_dispatched(
+        self, request_id: str, slot_number: int, powerbank_sn: str, soc: int | None
+    ) -> None: ...
+
     async def snapshot_received(self, serial_number: str, slots: list[SlotView]) -> None: ...
 
     async def powerbank_returned(
         self, serial_number: str, slot_number: int, powerbank_sn: str, soc: int
+    ) -> None: ...
+
+    async def reconcile(
+        self, serial_number: str, *, present: set[str], appeared: list[Returned], in_flight: str | None
     ) -> None: ...
 
     async def status_changed(self, status: KioskStatus) -> None: ...
@@ -70,20 +102,19 @@ class Slot:
         self.soc: int | None = None
         self.temperature: int | None = None
         self.reserved = False
+        self.quarantined_until = 0.0
 
     def apply(self, hole: rentbox.HoleInfo) -> None:
+        keep_reservation = self.reserved and self.powerbank_sn == hole.sn
         self.state = hole.state
         self.powerbank_sn = hole.sn
         self.soc = None if hole.soc == UNKNOWN else hole.soc
         self.temperature = None if hole.temperature == UNKNOWN else hole.temperature
+        self.reserved = keep_reservation
 
-    def put(self, powerbank_sn: str, soc: int) -> None:
-        self.state, self.powerbank_sn, self.soc, self.reserved = (
-            rentbox.HoleState.NORMAL,
-            powerbank_sn,
-            soc,
-            False,
-        )
+    def put(self, powerbank_sn: str, soc: int | None) -> None:
+        self.state, self.powerbank_sn, self.soc = rentbox.HoleState.NORMAL, powerbank_sn, soc
+        self.reserved, self.quarantined_until = False, 0.0
 
     def empty(self) -> None:
         self.state, self.powerbank_sn, self.soc, self.temperature, self.reserved = 0, None, None, None, False
@@ -93,13 +124,14 @@ class Slot:
             self.state == rentbox.HoleState.NORMAL
             and self.powerbank_sn is not None
             and not self.reserved
+            and self.quarantined_until <= time.monotonic()
             and self.soc is not None
             and self.soc >= config.min_soc
             and (self.temperature is None or self.temperature <= config.max_temperature_c)
         )
 
     def view(self, config: KioskConfig) -> SlotView:
-        if self.state >= rentbox.HoleState.CHARGING_FAULT:
+        if self.state >= rentbox.HoleState.CHARGING_FAULT or self.quarantined_until > time.monotonic():
             status = "ERROR"
         elif self.powerbank_sn is None:
             status = "AVAILABLE"
@@ -118,25 +150,41 @@ class Slot:
 
 @dataclass
 class _PendingEject:
+    request_id: str
     powerbank_sn: str
     reply: asyncio.Future[rentbox.EjectBySnResult]
 
 
 class Kiosk:
     def __init__(
-        self, *, serial_number: str, boards: int, holes_per_board: int, config: KioskConfig, ports: KioskPorts
+        self,
+        *,
+        serial_number: str,
+        boards: int,
+        holes_per_board: int,
+        config: KioskConfig,
+        ports: KioskPorts,
+        known: Mapping[int, tuple[str, int | None]] | None = None,
     ) -> None:
+        """`known`: the holes' last durable state ({hole: (sn, soc)}), when a host rebuilds this kiosk."""
         self.serial_number = serial_number
         self.holes_per_board = holes_per_board
         self.config = config
         self.ports = ports
         self.slots = {n: Slot(n) for n in range(1, boards * holes_per_board + 1)}
+        for number, (sn, soc) in (known or {}).items():
+            if number in self.slots:
+                self.slots[number].put(sn, soc)
         self.online = False
         self.ready = False
         self.last_seen = 0.0
+        self._previous: set[str] = set()
+        self._needs_reconcile = True
         self._mailbox: asyncio.Queue[KioskMessage] = asyncio.Queue()
         self._eject_lock = asyncio.Lock()
+        self._waiting = 0
         self._pending: _PendingEject | None = None
+        self._current: str | None = None  # the request holding the eject lock
         self._snapshot_waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -167,17 +215,30 @@ class Kiosk:
     async def _handle(self, message: KioskMessage) -> None:
         match message:
             case CabinetConnected():
-                self.online, self.ready, self.last_seen = True, False, time.monotonic()
-                log.info("event=cabinet_connected station_sn=%s", self.serial_number)
-                await self.ports.status_changed(self.status())
+                await self._connected()
             case CabinetSubscribed():
                 await self.ports.publish(self.serial_number, rentbox.check())
             case CabinetDisconnected():
-                self.online = self.ready = False
-                log.info("event=cabinet_disconnected station_sn=%s", self.serial_number)
-                await self.ports.status_changed(self.status())
+                await self._offline("disconnected")
             case FrameReceived(kind=kind, payload=payload):
                 await self._on_frame(kind, payload)
+            case Tick(now=now):
+                if self.online and now - self.last_seen > self.config.silence_timeout_s:
+                    await self._offline("silent")
+
+    async def _connected(self) -> None:
+        self.online, self.ready, self.last_seen = True, False, time.monotonic()
+        self._previous = {s.powerbank_sn for s in self.slots.values() if s.powerbank_sn}
+        self._needs_reconcile = True
+        log.info("event=cabinet_connected station_sn=%s", self.serial_number)
+        await self.ports.status_changed(self.status())
+
+    async def _offline(self, why: str) -> None:
+        if not self.online:
+            return
+        self.online = self.ready = False
+        log.info("event=cabinet_offline station_sn=%s why=%s", self.serial_number, why)
+        await self.ports.status_changed(self.status())
 
     async def _on_frame(self, kind: str, payload: bytes) -> None:
         try:
@@ -195,6 +256,9 @@ class Kiosk:
                 payload[:256].hex(),
             )
             return
+        if not self.online:  # a cabinet we took for silent (or a host rebuilt) is talking: it is back
+            await self._connected()
+            await self.ports.publish(self.serial_number, rentbox.check())
         self.last_seen = time.monotonic()
         metrics.FRAMES.labels(cmd=f"0x{decoded.cmd:02X}").inc()
         if not decoded.checksum_ok:
@@ -208,7 +272,7 @@ class Kiosk:
             case rentbox.ReturnEvent() as event:
                 await self._on_return(event)
             case _:
-                pass  # heartbeats keep the cabinet alive; 0x21/0x28 are handled by later features
+                pass  # heartbeats only keep the cabinet alive; 0x21/0x28 need no action here
 
     async def _on_snapshot(self, snapshot: rentbox.Snapshot) -> None:
         for hole in snapshot.holes:
@@ -216,30 +280,55 @@ class Kiosk:
             if slot is None:
                 log.warning("event=unknown_hole station_sn=%s hole=%s", self.serial_number, hole.hole)
                 continue
-            reserved = slot.reserved and slot.powerbank_sn == hole.sn
             slot.apply(hole)
-            slot.reserved = reserved
         self.ready = self.online
         for waiter in self._snapshot_waiters:
             if not waiter.done():
                 waiter.set_result(None)
         self._snapshot_waiters.clear()
-        await self.ports.snapshot_received(
-            self.serial_number, [s.view(self.config) for s in self.slots.values()]
-        )
+        await self.ports.snapshot_received(self.serial_number, self.slot_views())
+        if self._needs_reconcile and self.ready:
+            self._needs_reconcile = False
+            await self._reconcile()
         await self.ports.status_changed(self.status())
+
+    async def _reconcile(self) -> None:
+        """After (re)connecting: banks that appeared were returned while we did not hear; banks that vanished
+        may be ejects whose reply was lost (their PENDING_POPUP rentals are resolved by the host)."""
+        present = {s.powerbank_sn for s in self.slots.values() if s.powerbank_sn}
+        appeared = [
+            Returned(slot_number=s.number, powerbank_sn=s.powerbank_sn, soc=s.soc)
+            for s in self.slots.values()
+            if s.powerbank_sn and s.powerbank_sn not in self._previous
+        ]
+        vanished = self._previous - present
+        if appeared or vanished:
+            log.info(
+                "event=reconcile station_sn=%s appeared=%s vanished=%s",
+                self.serial_number,
+                [r.powerbank_sn for r in appeared],
+                sorted(vanished),
+            )
+        await self.ports.reconcile(
+            self.serial_number, present=present, appeared=appeared, in_flight=self._current
+        )
 
     def _on_eject_result(self, result: rentbox.EjectBySnResult) -> None:
         pending = self._pending
         if pending is None or pending.reply.done() or result.sn not in (None, pending.powerbank_sn):
-            log.warning("event=unexpected_eject_result station_sn=%s sn=%s", self.serial_number, result.sn)
+            log.warning(
+                "event=unexpected_eject_result station_sn=%s sn=%s state=0x%02X",
+                self.serial_number,
+                result.sn,
+                result.state,
+            )
             return
         pending.reply.set_result(result)
 
     async def _on_return(self, event: rentbox.ReturnEvent) -> None:
         if not event.success or event.sn is None:
             log.warning(
-                "event=return_failed station_sn=%s hole=%s state=%s",
+                "event=return_failed station_sn=%s hole=%s state=0x%02X",
                 self.serial_number,
                 event.hole,
                 event.state,
@@ -249,6 +338,9 @@ class Kiosk:
         if slot is None:
             log.warning("event=unknown_hole station_sn=%s hole=%s", self.serial_number, event.hole)
             return
+        for other in self.slots.values():  # a bank is in one hole at a time
+            if other is not slot and other.powerbank_sn == event.sn:
+                other.empty()
         slot.put(event.sn, event.soc)
         await self.ports.powerbank_returned(self.serial_number, event.hole, event.sn, event.soc)
         await self.ports.status_changed(self.status())
@@ -269,84 +361,128 @@ class Kiosk:
     def slot_views(self) -> list[SlotView]:
         return [s.view(self.config) for s in self.slots.values()]
 
+    @property
+    def in_flight(self) -> str | None:
+        return self._current
+
     # --- EjectPowerBank ------------------------------------------------------------------------------
-    def _best_slot(self) -> Slot | None:
-        candidates = [s for s in self.slots.values() if s.rentable(self.config)]
+    def _best_slot(self, exclude: set[int]) -> Slot | None:
+        candidates = [s for s in self.slots.values() if s.number not in exclude and s.rentable(self.config)]
         return max(candidates, key=lambda s: (s.soc or 0, -s.number), default=None)
 
     async def eject(self, *, request_id: str) -> EjectOutcome:
-        """Eject the best power bank: QoS 0, once; on timeout ask for a snapshot instead of re-sending."""
-        async with self._eject_lock:
-            if not self.online:
-                return KioskOffline(request_id=request_id)
-            if not self.ready:
-                return KioskNotReady(request_id=request_id)
-            slot = self._best_slot()
-            if slot is None or slot.powerbank_sn is None:
-                return NoPowerBank(request_id=request_id)
+        """Eject the best power bank for one rental: at most one bank comes out, whatever is lost."""
+        if self._waiting >= self.config.eject_queue_limit:
+            return KioskBusy(request_id=request_id)
+        self._waiting += 1
+        try:
+            await self._eject_lock.acquire()
+        finally:
+            self._waiting -= 1
+        self._current = request_id
+        try:
             started = time.monotonic()
-            outcome = await self._eject_slot(slot, slot.powerbank_sn, request_id)
-            result = outcome_reason(outcome)
-            result = (
-                "success"
-                if result == "success"
-                else result
-                if result in ("timeout", "lost_reply")
-                else "failed"
-            )
-            metrics.EJECT_SECONDS.labels(result=result).observe(time.monotonic() - started)
+            outcome = await self._eject_best(request_id)
+            seconds = time.monotonic() - started
+            reason = outcome_reason(outcome)
+            if reason not in ("offline", "not_ready", "no_power_bank", "busy"):
+                result = reason if reason in ("success", "timeout", "lost_reply") else "failed"
+                metrics.EJECT_SECONDS.labels(result=result).observe(seconds)
             log.info(
                 "event=eject_outcome station_sn=%s request_id=%s outcome=%s seconds=%.3f",
                 self.serial_number,
                 request_id,
-                outcome_reason(outcome),
-                time.monotonic() - started,
+                reason,
+                seconds,
             )
             await self.ports.status_changed(self.status())
             return outcome
+        finally:
+            self._current = None
+            self._eject_lock.release()
+
+    async def _eject_best(self, request_id: str) -> EjectOutcome:
+        tried: set[int] = set()
+        outcome: EjectOutcome = NoPowerBank(request_id=request_id)
+        for _ in range(self.config.eject_banks_tried):
+            if not self.online:
+                return KioskOffline(request_id=request_id) if not tried else outcome
+            if not self.ready:
+                return KioskNotReady(request_id=request_id) if not tried else outcome
+            slot = self._best_slot(tried)
+            if slot is None or slot.powerbank_sn is None:
+                return outcome
+            outcome = await self._eject_slot(slot, slot.powerbank_sn, request_id)
+            if not (isinstance(outcome, EjectRefused) and outcome.code in HOLE_FAILURES):
+                return outcome
+            slot.quarantined_until = time.monotonic() + self.config.slot_quarantine_s
+            log.warning(
+                "event=hole_quarantined station_sn=%s slot=%s code=0x%02X",
+                self.serial_number,
+                slot.number,
+                outcome.code,
+            )
+            tried.add(slot.number)
+        return outcome
 
     async def _eject_slot(self, slot: Slot, powerbank_sn: str, request_id: str) -> EjectOutcome:
         slot.reserved = True
         soc = slot.soc
+        await self.ports.eject_dispatched(request_id, slot.number, powerbank_sn, soc)
+        for send in (1, 2):  # the command, and at most one retry after a check showed the bank still there
+            result = await self._send_and_wait(request_id, powerbank_sn)
+            if result is not None:
+                metrics.EJECT_RESULTS.labels(code=f"0x{result.state:02X}").inc()
+                if result.success:
+                    slot.empty()
+                    return Ejected(
+                        request_id=request_id, powerbank_sn=powerbank_sn, slot_number=slot.number, soc=soc
+                    )
+                slot.reserved = False
+                return EjectRefused(request_id=request_id, code=result.state, slot_number=slot.number)
+            if not await self._fresh_snapshot():
+                slot.reserved = False
+                return EjectUnconfirmed(request_id=request_id, powerbank_sn=powerbank_sn)
+            if slot.powerbank_sn != powerbank_sn:
+                return Ejected(
+                    request_id=request_id,
+                    powerbank_sn=powerbank_sn,
+                    slot_number=slot.number,
+                    soc=soc,
+                    reply_lost=True,
+                )
+            log.warning(
+                "event=eject_no_reply station_sn=%s request_id=%s send=%s still_in_hole=%s",
+                self.serial_number,
+                request_id,
+                send,
+                slot.number,
+            )
+        slot.reserved = False
+        return KioskTimedOut(request_id=request_id)
+
+    async def _send_and_wait(self, request_id: str, powerbank_sn: str) -> rentbox.EjectBySnResult | None:
         reply: asyncio.Future[rentbox.EjectBySnResult] = asyncio.get_running_loop().create_future()
-        self._pending = _PendingEject(powerbank_sn=powerbank_sn, reply=reply)
+        self._pending = _PendingEject(request_id=request_id, powerbank_sn=powerbank_sn, reply=reply)
         metrics.COMMANDS_IN_FLIGHT.inc()
         try:
-            await self.ports.publish(self.serial_number, rentbox.popup_sn(powerbank_sn))
-            result = await asyncio.wait_for(reply, self.config.eject_timeout_s)
+            await self.ports.publish(
+                self.serial_number, rentbox.popup_sn(powerbank_sn, timestamp=int(time.time()))
+            )
+            return await asyncio.wait_for(reply, self.config.eject_timeout_s)
         except TimeoutError:
-            return await self._after_timeout(slot, powerbank_sn, soc, request_id)
+            return None
         finally:
             self._pending = None
             metrics.COMMANDS_IN_FLIGHT.dec()
-        metrics.EJECT_RESULTS.labels(code=f"0x{result.state:02X}").inc()
-        if result.success:
-            slot.empty()
-            return Ejected(request_id=request_id, powerbank_sn=powerbank_sn, slot_number=slot.number, soc=soc)
-        slot.reserved = False
-        return EjectRefused(request_id=request_id, code=result.state, slot_number=slot.number)
 
-    async def _after_timeout(
-        self, slot: Slot, powerbank_sn: str, soc: int | None, request_id: str
-    ) -> EjectOutcome:
-        """No 0x31: never re-send blindly. Ask for a snapshot; if the bank is gone, the reply was lost."""
+    async def _fresh_snapshot(self) -> bool:
+        """Ask for a snapshot and wait for one; False if none came in time."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._snapshot_waiters.append(waiter)
         await self.ports.publish(self.serial_number, rentbox.check())
         try:
             await asyncio.wait_for(waiter, self.config.eject_timeout_s)
+            return True
         except TimeoutError:
-            slot.reserved = False
-            return KioskTimedOut(request_id=request_id)
-        if slot.powerbank_sn != powerbank_sn:
-            if slot.powerbank_sn is None:
-                slot.empty()
-            return Ejected(
-                request_id=request_id,
-                powerbank_sn=powerbank_sn,
-                slot_number=slot.number,
-                soc=soc,
-                reply_lost=True,
-            )
-        slot.reserved = False
-        return KioskTimedOut(request_id=request_id)
+            return False

@@ -27,7 +27,14 @@ class FrameReceived:
     payload: bytes
 
 
-KioskMessage = CabinetConnected | CabinetSubscribed | CabinetDisconnected | FrameReceived
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tick:
+    """Periodic: lets a kiosk notice a cabinet that has gone silent while its TCP connection stays open."""
+
+    now: float
+
+
+KioskMessage = CabinetConnected | CabinetSubscribed | CabinetDisconnected | FrameReceived | Tick
 
 
 # --- outcomes of EjectPowerBank ---------------------------------------------------------------------
@@ -69,7 +76,32 @@ class NoPowerBank:
     request_id: str
 
 
-EjectOutcome = Ejected | EjectRefused | KioskTimedOut | KioskOffline | KioskNotReady | NoPowerBank
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KioskBusy:
+    """The cabinet's eject queue is full."""
+
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EjectUnconfirmed:
+    """No reply and no snapshot (e.g. the cabinet dropped off mid-eject): the rental stays PENDING_POPUP
+    with the attempted power bank, and is resolved when the cabinet next reports its holes."""
+
+    request_id: str
+    powerbank_sn: str
+
+
+EjectOutcome = (
+    Ejected
+    | EjectRefused
+    | KioskTimedOut
+    | KioskOffline
+    | KioskNotReady
+    | NoPowerBank
+    | KioskBusy
+    | EjectUnconfirmed
+)
 
 
 def outcome_reason(outcome: EjectOutcome) -> str:
@@ -89,6 +121,10 @@ def outcome_reason(outcome: EjectOutcome) -> str:
             return "not_ready"
         case NoPowerBank():
             return "no_power_bank"
+        case KioskBusy():
+            return "busy"
+        case EjectUnconfirmed():
+            return "unconfirmed"
 
 
 # --- queries ------------------------------------------------------------------------------------------

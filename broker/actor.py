@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -40,22 +41,36 @@ class FleetRouter:
 
 class BrokerService:
     def __init__(self, settings: Settings) -> None:
+        self.fleet = Fleet(settings)
         self.broker = MqttBroker(
             host=settings.mqtt_host,
             port=settings.mqtt_port,
             product_key=settings.mqtt_product_key,
-            router=FleetRouter(Fleet(settings)),
+            router=FleetRouter(self.fleet),
             max_payload_bytes=settings.mqtt_max_payload_bytes,
         )
+        self._started = False
 
     async def start(self) -> None:
         await self.broker.start()
+        self._started = True
+        # After a crash and restart every connection is gone: cabinets are offline until they reconnect.
+        await asyncio.gather(*(self.fleet.broker_restarted()), return_exceptions=True)
+
+    async def ensure_started(self) -> None:
+        """Idempotent start, called by the supervisor: after Ray restarted this actor it listens again."""
+        if not self._started:
+            await self.start()
+
+    def connected_cabinets(self) -> list[str]:
+        return self.broker.connected_clients()
 
     async def publish_command(self, serial_number: str, payload: bytes) -> None:
         await self.broker.publish_command(serial_number, payload)
 
     async def stop(self) -> None:
         await self.broker.stop()
+        self._started = False
 
     def metric_families(self) -> list[Any]:
         return metrics.local_families()

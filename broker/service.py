@@ -64,6 +64,13 @@ class MqttBroker:
             rentbox.command_topic(self.product_key, serial_number), payload, qos=0
         )
 
+    def connected_clients(self) -> list[str]:
+        """Client ids (cabinet SNs) connected now."""
+        if self._broker is None:
+            return []
+        sessions = self._broker.sessions.items()
+        return [cid for cid, (session, _) in sessions if session.transitions.state == "connected"]
+
     async def stop(self) -> None:
         if self._broker is not None:
             await self._broker.shutdown()

@@ -42,6 +42,14 @@ class Settings(BaseSettings):
     otp_resend_interval_s: int = 30
 
     eject_timeout_s: float = 15.0
+    eject_queue_limit: int = 5  # rentals waiting behind the one eject in flight; more → 503 cabinet_busy
+    eject_banks_tried: int = 2  # a hole-level failure code moves on to the next-best bank, this many in all
+    slot_quarantine_s: float = 600.0  # a hole that failed an eject is not chosen again for this long
+    cabinet_silence_timeout_s: float = 300.0  # no message for this long → offline, even if TCP stays open
+    strict_checksum: bool = False  # reject frames whose checksum is off (default: accept, count, log)
+    pending_popup_resolve_s: float = 60.0  # PENDING_POPUP older than this is settled from the cabinet's holes
+    pending_popup_abandon_s: float = 3600.0  # ... or cancelled if the cabinet stays offline this long
+    supervise_interval_s: float = 5.0  # how often hosts check silence and stale rentals
     rental_min_soc: int = 20
     slot_max_temperature_c: int = 60
     late_fee_per_hour: Decimal = Decimal("50.00")

@@ -29,6 +29,7 @@ from storage.models import (
     Rental,
     RentalPackage,
     RentalStatus,
+    Station,
     StationStatus,
 )
 from telemetry.metrics import RENTALS
@@ -116,6 +117,77 @@ async def begin(session: AsyncSession, *, user_id: uuid.UUID, station_sn: str, p
     except IntegrityError as exc:  # a concurrent request for the same user won the race
         raise ActiveRentalExists() from exc
     return rental
+
+
+async def dispatch_eject(
+    session: AsyncSession, *, rental_id: uuid.UUID, powerbank_sn: str, slot_number: int, soc: int | None
+) -> None:
+    """Record which bank an eject was sent for, before it is sent, so a crash can be resolved later."""
+    rental = await get(session, rental_id, lock=True)
+    if rental.status == RentalStatus.PENDING_POPUP:
+        rental.powerbank_sn, rental.slot_number, rental.start_battery_level = powerbank_sn, slot_number, soc
+
+
+async def resolve_pending(
+    session: AsyncSession,
+    *,
+    station_sn: str,
+    present: set[str],
+    exclude: str | None,
+    older_than: datetime | None = None,
+) -> list[Rental]:
+    """Settle PENDING_POPUP rentals of a station from what its holes now hold: the attempted bank gone →
+    it was ejected (ACTIVE); still there, or never sent → CANCELLED with nothing charged."""
+    stmt = (
+        select(Rental)
+        .join(Rental.station)
+        .where(Station.serial_number == station_sn, Rental.status == RentalStatus.PENDING_POPUP)
+        .with_for_update(of=Rental)
+    )
+    if older_than is not None:
+        stmt = stmt.where(Rental.created_at < older_than)
+    settled = []
+    for rental in (await session.execute(stmt)).unique().scalars():
+        if str(rental.id) == exclude:
+            continue
+        if rental.powerbank_sn and rental.powerbank_sn not in present and rental.slot_number is not None:
+            await activate(
+                session,
+                rental_id=rental.id,
+                powerbank_sn=rental.powerbank_sn,
+                slot_number=rental.slot_number,
+                soc=rental.start_battery_level,
+                at=datetime.now(UTC),
+            )
+        else:
+            await cancel_pending(session, rental_id=rental.id, reason="unresolved_eject")
+        settled.append(rental)
+    return settled
+
+
+async def pending_stations(session: AsyncSession, *, older_than: datetime) -> list[str]:
+    """Stations that have PENDING_POPUP rentals older than `older_than`."""
+    rows = await session.scalars(
+        select(Station.serial_number)
+        .join(Rental, Rental.station_id == Station.id)
+        .where(Rental.status == RentalStatus.PENDING_POPUP, Rental.created_at < older_than)
+        .distinct()
+    )
+    return list(rows.all())
+
+
+async def cancel_pending_before(session: AsyncSession, *, station_sn: str, before: datetime) -> None:
+    stmt = (
+        select(Rental.id)
+        .join(Station, Rental.station_id == Station.id)
+        .where(
+            Station.serial_number == station_sn,
+            Rental.status == RentalStatus.PENDING_POPUP,
+            Rental.created_at < before,
+        )
+    )
+    for rental_id in (await session.scalars(stmt)).all():
+        await cancel_pending(session, rental_id=rental_id, reason="cabinet_unreachable")
 
 
 async def activate(

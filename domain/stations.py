@@ -178,3 +178,31 @@ async def rotate_secret(session: AsyncSession, serial_number: str) -> str:
     secret = secrets.token_urlsafe(32)
     station.mqtt_secret_hash = hash_secret(secret)
     return secret
+
+
+async def durable_views(
+    session: AsyncSession,
+) -> list[tuple[StationModel, dict[int, tuple[str, int | None]]]]:
+    """Every station with the holes' last recorded contents, for a kiosk host that rebuilds its kiosks."""
+    rows = (await session.execute(select(Station).order_by(Station.serial_number))).scalars().all()
+    holes: dict[int, dict[int, tuple[str, int | None]]] = {}
+    slot_rows = await session.execute(
+        select(Slot.station_id, Slot.slot_number, Slot.powerbank_sn, PowerBank.soc)
+        .outerjoin(PowerBank, PowerBank.serial_number == Slot.powerbank_sn)
+        .where(Slot.powerbank_sn.is_not(None))
+    )
+    for station_id, slot_number, sn, soc in slot_rows:
+        if sn:
+            holes.setdefault(station_id, {})[slot_number] = (sn, soc)
+    return [
+        (
+            StationModel(
+                serial_number=s.serial_number,
+                boards=s.boards,
+                holes_per_board=s.holes_per_board,
+                maintenance=s.status == "MAINTENANCE",
+            ),
+            holes.get(s.id, {}),
+        )
+        for s in rows
+    ]

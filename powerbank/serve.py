@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from typing import Any
 
 import uvicorn
@@ -52,7 +53,7 @@ async def create_staff(settings: Settings, *, phone: str, role: str) -> str:
 
 async def provision_demo(system: System) -> list[Any]:
     """Three Kathmandu stations with simulated cabinets (fresh secrets each start)."""
-    from simulators.cabinet import CabinetCredentials, SimulatedCabinet
+    from simulators.cabinet import CabinetCredentials, SimulatedCabinet, random_banks
 
     settings = system.settings
     creds = []
@@ -81,8 +82,12 @@ async def provision_demo(system: System) -> list[Any]:
                     product_key=settings.mqtt_product_key,
                 )
             )
+    rng, taken = random.Random(), set[str]()  # power-bank SNs unique across the demo fleet
     cabinets = [
-        SimulatedCabinet(c, boards=1, holes_per_board=8, fill=0.75, seed=i) for i, c in enumerate(creds)
+        SimulatedCabinet(
+            c, boards=1, holes_per_board=8, banks=random_banks(rng, hole_count=8, fill=0.75, taken=taken)
+        )
+        for c in creds
     ]
     for cabinet in cabinets:
         await cabinet.start()

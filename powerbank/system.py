@@ -52,6 +52,23 @@ class System:
     embedded: EmbeddedServices | None = None
     started_ray: bool = False
     _stopped: bool = field(default=False, init=False)
+    _supervisor: asyncio.Task[None] | None = field(default=None, init=False)
+
+    def supervise(self) -> None:
+        """Every SUPERVISE_INTERVAL_S: keep the broker listening (also after Ray restarted it) and let the
+        hosts check silent cabinets and stale PENDING_POPUP rentals. Idempotent work, so N API replicas
+        doing it too is harmless."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(self.settings.supervise_interval_s)
+                try:
+                    await self.broker.ensure_started.remote()
+                    await self.services.fleet.tick()
+                except Exception as exc:
+                    log.warning("event=supervise_failed error=%r", exc)
+
+        self._supervisor = asyncio.get_running_loop().create_task(loop(), name="supervisor")
 
     async def remote_metrics(self) -> list[Any]:
         families = await self.services.fleet.metric_families()
@@ -65,6 +82,8 @@ class System:
         if self._stopped:
             return
         self._stopped = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
         try:
             await asyncio.wait_for(self.broker.stop.remote(), 5.0)
         except Exception as exc:
@@ -124,6 +143,7 @@ async def start_system(settings: Settings, *, check_http_port: bool = True) -> S
         started_ray=started_ray,
     )
     system.app = create_app(services, remote_metrics=system.remote_metrics)
+    system.supervise()
     log.info(
         "event=system_started http=%s:%s mqtt=%s:%s hosts=%s",
         settings.http_host,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -11,10 +12,11 @@ import httpx
 import pytest
 
 import rentbox
-from simulators.cabinet import CabinetCredentials, CabinetRefused, SimulatedCabinet
+from simulators.cabinet import CabinetCredentials, CabinetRefused, SimulatedCabinet, random_banks
 from tests.conftest import Api, new_phone
 
 pytestmark = pytest.mark.integration
+RNG, TAKEN = random.Random(), set[str]()  # power-bank SNs unique across every cabinet of the session
 
 
 async def eventually(check: Any, *, within: float = 5.0, interval: float = 0.05) -> Any:
@@ -54,7 +56,10 @@ async def provision(client: httpx.AsyncClient, token: str, *, holes: int = 4) ->
 async def start_cabinets(client: httpx.AsyncClient, token: str, count: int) -> list[SimulatedCabinet]:
     creds = [await provision(client, token) for _ in range(count)]
     cabinets = [
-        SimulatedCabinet(c, boards=1, holes_per_board=4, fill=0.75, seed=i) for i, c in enumerate(creds)
+        SimulatedCabinet(
+            c, boards=1, holes_per_board=4, banks=random_banks(RNG, hole_count=4, fill=0.75, taken=TAKEN)
+        )
+        for c in creds
     ]
     for cabinet in cabinets:
         await cabinet.start()

@@ -6,6 +6,8 @@ from actors.messages import (
     Ejected,
     EjectOutcome,
     EjectRefused,
+    EjectUnconfirmed,
+    KioskBusy,
     KioskNotReady,
     KioskOffline,
     KioskTimedOut,
@@ -15,7 +17,14 @@ from api.deps import CurrentUser, PagingDep, ServicesDep, SessionDep
 from api.envelope import Envelope, Page, ok
 from api.schemas import PackageOut, RentalOut, RentIn
 from domain import rentals, stations
-from domain.errors import DomainError, EjectFailed, NoPowerBankAvailable, StationNotReady, StationOffline
+from domain.errors import (
+    CabinetBusy,
+    DomainError,
+    EjectFailed,
+    NoPowerBankAvailable,
+    StationNotReady,
+    StationOffline,
+)
 
 router = APIRouter(prefix="/api/rentals", tags=["rentals"])
 
@@ -36,6 +45,14 @@ def _refusal(outcome: EjectOutcome) -> DomainError:
             return NoPowerBankAvailable(context=context)
         case EjectRefused(code=code):
             return EjectFailed(context={**context, "code": f"0x{code:02X}"})
+        case KioskBusy():
+            return CabinetBusy(context=context)
+        case EjectUnconfirmed():
+            return EjectFailed(
+                "The cabinet stopped answering mid-eject; nothing is charged unless it confirms the"
+                " power bank came out. Check your active rental in a minute.",
+                context={**context, "status": "PENDING_POPUP"},
+            )
         case KioskTimedOut() | _:
             return EjectFailed(context=context)
 
