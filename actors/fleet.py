@@ -52,6 +52,9 @@ class Fleet:
         outcome: EjectOutcome = await self.host(serial_number).rent.remote(serial_number, rental_id)
         return outcome
 
+    async def frame(self, serial_number: str, kind: str, payload: bytes) -> None:
+        await self.host(serial_number).on_frame.remote(serial_number, kind, payload)
+
     async def status(self, serial_number: str) -> KioskStatus | None:
         status: KioskStatus | None = await self.host(serial_number).status.remote(serial_number)
         return status

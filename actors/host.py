@@ -143,6 +143,11 @@ class KioskHost:
     async def _tell(self, serial_number: str, message: KioskMessage) -> None:
         await self.started()
         kiosk = self.kiosks.get(serial_number)
+        if kiosk is None:  # provisioned after this host started?
+            async with self.db.transaction() as session:
+                model = await stations.station_model(session, serial_number)
+            if model is not None:
+                kiosk = self.kiosks[serial_number] = self._kiosk(model)
         if kiosk is None:
             metrics.MQTT_DROPPED.labels(reason="unknown_cabinet").inc()
             log.warning("event=message_for_unknown_cabinet station_sn=%s message=%r", serial_number, message)

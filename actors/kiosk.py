@@ -47,6 +47,7 @@ from telemetry import metrics
 
 log = logging.getLogger(__name__)
 UNKNOWN = 255
+HTTP_UPLOAD = "http"  # a 0x10 posted to /api/rentbox/upload/data: state, but no proof of an MQTT session
 # Failure codes that are about one hole or bank: quarantine that hole and try the next-best bank.
 HOLE_FAILURES = frozenset({0x00, 0x11, 0x12, 0xFB, 0xFC})
 
@@ -256,7 +257,7 @@ class Kiosk:
                 payload[:256].hex(),
             )
             return
-        if not self.online:  # a cabinet we took for silent (or a host rebuilt) is talking: it is back
+        if not self.online and kind != HTTP_UPLOAD:  # a cabinet we took for silent is talking again
             await self._connected()
             await self.ports.publish(self.serial_number, rentbox.check())
         self.last_seen = time.monotonic()

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import Services
 from api.envelope import install_error_handlers
-from api.routers import admin, auth, payments, rentals, stations
+from api.routers import admin, auth, firmware, payments, rentals, stations
 from telemetry import metrics
 
 
@@ -26,7 +26,7 @@ def create_app(
     )
     app.state.services = services
     install_error_handlers(app)
-    for module in (auth, stations, rentals, payments, admin):
+    for module in (auth, stations, rentals, payments, admin, firmware):
         app.include_router(module.router)
 
     @app.middleware("http")

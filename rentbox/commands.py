@@ -15,12 +15,21 @@ __all__ = [
     "MAX_HOLE",
     "CommandError",
     "check",
+    "check_all",
+    "check_log",
     "encode_command",
+    "get_wifi",
+    "load_ad",
     "parse_command",
     "popup",
     "popup_sn",
+    "push_version_publish",
     "reboot",
+    "set_mode",
+    "set_wifi",
     "sign",
+    "upload_all",
+    "volume",
 ]
 
 MAX_HOLE: Final = 80
@@ -68,6 +77,51 @@ def popup(hole: int, *, io: int = 0) -> bytes:
 def reboot() -> bytes:
     """Reboot the cabinet (no reply; it reconnects)."""
     return encode_command("reboot")
+
+
+def check_all() -> bytes:
+    """Snapshot, firmware variant (same 0x10 reply)."""
+    return encode_command("check_all")
+
+
+def upload_all() -> bytes:
+    """Ask for the periodic 0x10 upload now."""
+    return encode_command("upload_all")
+
+
+def volume(level: int) -> bytes:
+    if not 0 <= level <= 100:
+        raise CommandError(f"volume must be 0..100, got {level}")
+    return encode_command("volume", data=str(level))
+
+
+def set_wifi(ssid: str, password: str) -> bytes:
+    if not ssid:
+        raise CommandError("setWifi needs an SSID")
+    return encode_command("setWifi", username=ssid, password=password)
+
+
+def get_wifi() -> bytes:
+    return encode_command("getWifi")
+
+
+def set_mode(mode: str) -> bytes:
+    if mode not in ("wifi", "4g"):
+        raise CommandError(f"network mode must be 'wifi' or '4g', got {mode!r}")
+    return encode_command("setMode", data=mode)
+
+
+def load_ad() -> bytes:
+    return encode_command("load_ad")
+
+
+def push_version_publish() -> bytes:
+    """Firmware update."""
+    return encode_command("push_version_publish")
+
+
+def check_log() -> bytes:
+    return encode_command("check_log")
 
 
 def parse_command(payload: bytes) -> dict[str, str]:

@@ -46,6 +46,9 @@ COMMANDS_IN_FLIGHT = Gauge("powerbank_commands_in_flight", "Cabinet commands awa
 HTTP_SECONDS = Histogram("powerbank_http_request_seconds", "API latency", ["route", "method", "status"])
 LEDGER_ENTRIES = Counter("powerbank_ledger_entries", "Money movements (ledger legs)", ["type"])
 JOBS_RUNS = Counter("powerbank_jobs_runs", "Background job runs", ["job", "result"])
+FIRMWARE_REQUESTS = Counter(
+    "powerbank_firmware_requests", "Cabinet firmware HTTP calls", ["endpoint", "result"]
+)
 LOGINS_LOCKED_OUT = Counter("powerbank_logins_locked_out", "Lock-outs")
 
 

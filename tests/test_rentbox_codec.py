@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import rentbox
 from rentbox import (
     UP_KINDS,
     BoardInfo,
@@ -412,3 +413,30 @@ def test_popup_sn_roundtrip(sn: str, timestamp: int | None, ttl: int | None) -> 
     assert parsed["data"] == sn
     assert parsed.get("timestamp") == (None if timestamp is None else str(timestamp))
     assert parsed.get("ttl") == (None if ttl is None else str(ttl))
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (rentbox.check_all(), {"cmd": "check_all"}),
+        (rentbox.upload_all(), {"cmd": "upload_all"}),
+        (rentbox.volume(70), {"cmd": "volume", "data": "70"}),
+        (rentbox.set_wifi("cafe", "secret"), {"cmd": "setWifi", "username": "cafe", "password": "secret"}),
+        (rentbox.get_wifi(), {"cmd": "getWifi"}),
+        (rentbox.set_mode("4g"), {"cmd": "setMode", "data": "4g"}),
+        (rentbox.load_ad(), {"cmd": "load_ad"}),
+        (rentbox.push_version_publish(), {"cmd": "push_version_publish"}),
+        (rentbox.check_log(), {"cmd": "check_log"}),
+        (rentbox.popup(3, io=1), {"cmd": "popup", "data": "3", "io": "1"}),
+    ],
+)
+def test_operator_commands_encode_as_the_spec_says(payload: bytes, expected: dict[str, str]) -> None:
+    assert json.loads(payload) == expected
+
+
+@pytest.mark.parametrize(
+    "bad", [lambda: rentbox.volume(101), lambda: rentbox.set_mode("lte"), lambda: rentbox.set_wifi("", "x")]
+)
+def test_operator_commands_refuse_bad_values(bad: Any) -> None:
+    with pytest.raises(rentbox.CommandError):
+        bad()

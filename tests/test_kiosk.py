@@ -1,0 +1,301 @@
+"""Kiosk actor logic without Ray or MQTT: a scripted cabinet answers through the kiosk's ports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+import rentbox
+from actors.kiosk import Kiosk, KioskConfig, Returned
+from actors.messages import (
+    CabinetConnected,
+    CabinetSubscribed,
+    Ejected,
+    EjectRefused,
+    EjectUnconfirmed,
+    FrameReceived,
+    KioskBusy,
+    KioskStatus,
+    KioskTimedOut,
+    NoPowerBank,
+    SlotView,
+    Tick,
+)
+
+CONFIG = KioskConfig(
+    eject_timeout_s=0.3, min_soc=20, max_temperature_c=60, eject_queue_limit=1, silence_timeout_s=5
+)
+
+
+@dataclass
+class Bank:
+    sn: str
+    soc: int = 90
+    temperature: int = 30
+    state: int = 1
+
+
+@dataclass
+class ScriptedCabinet:
+    """Answers the kiosk like a cabinet would, with switches for what goes wrong."""
+
+    holes: dict[int, Bank | None]
+    eject: bool = True  # the bank physically comes out
+    reply: bool = True  # the 0x31 is sent
+    code: int = 1  # the 0x31 state byte when the bank does not come out
+    answer_check: bool = True
+    refuse: frozenset[str] = frozenset()  # these banks do not come out: answered with `code`
+    hold: asyncio.Event | None = None  # replies wait for this
+    popup_seen: asyncio.Event = field(default_factory=asyncio.Event)
+    kiosk: Kiosk | None = None
+    commands: list[dict[str, str]] = field(default_factory=list)
+    returned: list[tuple[int, str]] = field(default_factory=list)
+    reconciled: list[tuple[set[str], list[Returned], str | None]] = field(default_factory=list)
+    dispatched: list[tuple[str, int, str]] = field(default_factory=list)
+
+    def snapshot(self) -> bytes:
+        holes = []
+        for number, bank in sorted(self.holes.items()):
+            holes.append(
+                rentbox.HoleInfo(
+                    hole=number,
+                    board=1,
+                    state=bank.state if bank else 0,
+                    current=0.0,
+                    voltage=0.0,
+                    area=0,
+                    sn=bank.sn if bank else None,
+                    soc=bank.soc if bank else 0,
+                    temperature=bank.temperature if bank else 0,
+                    charge_voltage=0.0,
+                    charge_current=0.0,
+                    software_version=1,
+                    sensor=0 if bank else 0x80,
+                )
+            )
+        board = rentbox.BoardInfo(index=1, temperature=25, software_version=1, hardware_version=1)
+        return rentbox.encode(rentbox.Snapshot(boards=(board,), holes=tuple(holes)))
+
+    def send(self, frame: bytes) -> None:
+        assert self.kiosk is not None
+        self.kiosk.tell(FrameReceived(kind="update", payload=frame))
+
+    async def _later(self, frame: bytes) -> None:
+        if self.hold is not None:
+            await self.hold.wait()
+        self.send(frame)
+
+    # --- KioskPorts -------------------------------------------------------------------------------------
+    async def publish(self, serial_number: str, payload: bytes) -> None:
+        command = rentbox.parse_command(payload)
+        self.commands.append(command)
+        if command["cmd"] == "check" and self.answer_check:
+            asyncio.get_running_loop().create_task(self._later(self.snapshot()))
+        if command["cmd"] == "popup_sn":
+            self.popup_seen.set()
+            hole = next((h for h, b in self.holes.items() if b and b.sn == command["data"]), None)
+            state = 0xFC
+            if hole is not None:
+                comes_out = self.eject and command["data"] not in self.refuse
+                state = 1 if comes_out else self.code
+                if comes_out:
+                    self.holes[hole] = None
+            if self.reply:
+                result = rentbox.EjectBySnResult(hole=hole or 0, sn=command["data"], state=state)
+                asyncio.get_running_loop().create_task(self._later(rentbox.encode(result)))
+
+    async def eject_dispatched(
+        self, request_id: str, slot_number: int, powerbank_sn: str, soc: int | None
+    ) -> None:
+        self.dispatched.append((request_id, slot_number, powerbank_sn))
+
+    async def snapshot_received(self, serial_number: str, slots: list[SlotView]) -> None:
+        pass
+
+    async def powerbank_returned(
+        self, serial_number: str, slot_number: int, powerbank_sn: str, soc: int
+    ) -> None:
+        self.returned.append((slot_number, powerbank_sn))
+
+    async def reconcile(
+        self, serial_number: str, *, present: set[str], appeared: list[Returned], in_flight: str | None
+    ) -> None:
+        self.reconciled.append((present, appeared, in_flight))
+
+    async def status_changed(self, status: KioskStatus) -> None:
+        pass
+
+
+async def ready_kiosk(cabinet: ScriptedCabinet, config: KioskConfig = CONFIG, **kw: Any) -> Kiosk:
+    kiosk = Kiosk(
+        serial_number="K1", boards=1, holes_per_board=len(cabinet.holes), config=config, ports=cabinet, **kw
+    )
+    cabinet.kiosk = kiosk
+    kiosk.tell(CabinetConnected())
+    kiosk.tell(CabinetSubscribed())  # → check → snapshot
+    async with asyncio.timeout(2):
+        while not kiosk.ready:
+            await kiosk.drained()
+            await asyncio.sleep(0)
+    return kiosk
+
+
+def popups(cabinet: ScriptedCabinet) -> list[str]:
+    return [c["data"] for c in cabinet.commands if c["cmd"] == "popup_sn"]
+
+
+async def test_eject_takes_the_fullest_bank_once() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111", soc=50), 2: Bank("22222222", soc=95), 3: None})
+    kiosk = await ready_kiosk(cabinet)
+    outcome = await kiosk.eject(request_id="r1")
+    assert outcome == Ejected(request_id="r1", powerbank_sn="22222222", slot_number=2, soc=95)
+    assert popups(cabinet) == ["22222222"]
+    assert cabinet.dispatched == [("r1", 2, "22222222")]
+    assert kiosk.slots[2].powerbank_sn is None
+    assert json.loads(rentbox.popup_sn("1", timestamp=5)) == {
+        "cmd": "popup_sn",
+        "data": "1",
+        "timestamp": "5",
+    }
+
+
+async def test_lost_reply_is_detected_by_a_check_not_by_sending_again() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111")}, reply=False)
+    kiosk = await ready_kiosk(cabinet)
+    outcome = await kiosk.eject(request_id="r1")
+    assert outcome == Ejected(
+        request_id="r1", powerbank_sn="11111111", slot_number=1, soc=90, reply_lost=True
+    )
+    assert popups(cabinet) == ["11111111"]
+    assert [c["cmd"] for c in cabinet.commands][-2:] == ["popup_sn", "check"]
+
+
+async def test_no_reply_and_bank_still_there_retries_once_then_times_out() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111")}, eject=False, reply=False)
+    kiosk = await ready_kiosk(cabinet)
+    outcome = await kiosk.eject(request_id="r1")
+    assert outcome == KioskTimedOut(request_id="r1")
+    assert popups(cabinet) == ["11111111", "11111111"]
+    first, second = (c for c in cabinet.commands if c["cmd"] == "popup_sn")
+    assert "timestamp" in first and "timestamp" in second
+    assert kiosk.slots[1].rentable(CONFIG)  # the reservation is released
+
+
+async def test_hole_failure_quarantines_the_hole_and_tries_the_next_bank() -> None:
+    cabinet = ScriptedCabinet(
+        {1: Bank("11111111", soc=99), 2: Bank("22222222", soc=80)}, refuse=frozenset({"11111111"}), code=0x11
+    )
+    kiosk = await ready_kiosk(cabinet)
+    outcome = await kiosk.eject(request_id="r1")
+    assert outcome == Ejected(request_id="r1", powerbank_sn="22222222", slot_number=2, soc=80)
+    assert popups(cabinet) == ["11111111", "22222222"]
+    assert not kiosk.slots[1].rentable(CONFIG)
+    assert kiosk.slot_views()[0].status == "ERROR"
+
+
+async def test_cabinet_level_failure_is_not_retried_on_another_bank() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111"), 2: Bank("22222222")}, eject=False, code=0xFE)
+    kiosk = await ready_kiosk(cabinet)
+    outcome = await kiosk.eject(request_id="r1")
+    assert isinstance(outcome, EjectRefused) and outcome.code == 0xFE
+    assert len(popups(cabinet)) == 1
+
+
+async def test_no_reply_and_no_snapshot_is_unconfirmed() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111")}, reply=False)
+    kiosk = await ready_kiosk(cabinet)
+    cabinet.answer_check = False
+    outcome = await kiosk.eject(request_id="r1")
+    assert outcome == EjectUnconfirmed(request_id="r1", powerbank_sn="11111111")
+    assert len(popups(cabinet)) == 1
+
+
+async def test_faulty_and_hot_banks_are_never_chosen() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111", state=0x04), 2: Bank("22222222", temperature=65), 3: None})
+    kiosk = await ready_kiosk(cabinet)
+    assert await kiosk.eject(request_id="r1") == NoPowerBank(request_id="r1")
+    assert popups(cabinet) == []
+
+
+async def test_a_full_queue_answers_busy() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111"), 2: Bank("22222222"), 3: Bank("33333333")})
+    kiosk = await ready_kiosk(cabinet)
+    cabinet.hold = asyncio.Event()
+    first = asyncio.get_running_loop().create_task(kiosk.eject(request_id="r1"))
+    second = asyncio.get_running_loop().create_task(kiosk.eject(request_id="r2"))
+    await asyncio.wait_for(cabinet.popup_seen.wait(), 2)  # r1 is in flight, so r2 is queued behind it
+    assert await kiosk.eject(request_id="r3") == KioskBusy(request_id="r3")
+    cabinet.hold.set()
+    results = await asyncio.gather(first, second)
+    assert all(isinstance(r, Ejected) for r in results)
+    assert len(set(popups(cabinet))) == 2
+
+
+async def test_a_return_during_an_eject_is_handled() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111"), 2: None})
+    kiosk = await ready_kiosk(cabinet)
+    cabinet.hold = asyncio.Event()
+    eject = asyncio.get_running_loop().create_task(kiosk.eject(request_id="r1"))
+    await asyncio.wait_for(cabinet.popup_seen.wait(), 2)
+    cabinet.send(
+        rentbox.encode(
+            rentbox.ReturnEvent(board=1, hole=2, area=0, sn="99999999", state=1, software_version=1, soc=70)
+        )
+    )
+    await kiosk.drained()
+    assert cabinet.returned == [(2, "99999999")]
+    cabinet.hold.set()
+    assert isinstance(await eject, Ejected)
+    assert kiosk.slots[2].powerbank_sn == "99999999" and kiosk.slots[1].powerbank_sn is None
+
+
+async def test_a_silent_cabinet_goes_offline_and_comes_back_when_it_talks() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111")})
+    kiosk = await ready_kiosk(cabinet)
+    kiosk.tell(Tick(now=kiosk.last_seen + CONFIG.silence_timeout_s + 1))
+    await kiosk.drained()
+    assert not kiosk.online and not kiosk.ready
+    heartbeat = rentbox.encode(rentbox.Heartbeat(board=0x10, text="CSQ:27;BP:0"))
+    cabinet.send(heartbeat)
+    async with asyncio.timeout(2):
+        while not kiosk.ready:  # it came back: a check was sent and answered
+            await kiosk.drained()
+            await asyncio.sleep(0)
+    assert kiosk.online
+
+
+async def test_reconnect_reconciles_appeared_and_vanished_banks() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111"), 2: None, 3: Bank("33333333")})
+    kiosk = Kiosk(
+        serial_number="K1",
+        boards=1,
+        holes_per_board=3,
+        config=CONFIG,
+        ports=cabinet,
+        known={1: ("11111111", 90), 2: ("22222222", 80)},  # what the database last knew
+    )
+    cabinet.kiosk = kiosk
+    kiosk.tell(CabinetConnected())
+    kiosk.tell(CabinetSubscribed())
+    async with asyncio.timeout(2):
+        while not cabinet.reconciled:
+            await kiosk.drained()
+            await asyncio.sleep(0)
+    (present, appeared, in_flight) = cabinet.reconciled[0]
+    assert present == {"11111111", "33333333"}
+    assert appeared == [Returned(slot_number=3, powerbank_sn="33333333", soc=90)]
+    assert in_flight is None
+
+
+@pytest.mark.parametrize("payload", [b"", b"\xa8\x00", b"\xa8\x00\x05\x99\x00", bytes(range(40))])
+async def test_invalid_frames_change_nothing(payload: bytes) -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111")})
+    kiosk = await ready_kiosk(cabinet)
+    before = kiosk.slot_views()
+    cabinet.send(payload)
+    await kiosk.drained()
+    assert kiosk.slot_views() == before and kiosk.ready
