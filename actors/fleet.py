@@ -7,9 +7,10 @@ import logging
 from typing import Any
 
 import ray
+from ray.exceptions import RayError
 
 from actors.host import KioskHostActor
-from actors.messages import EjectOutcome, KioskStatus, SlotView
+from actors.messages import EjectOutcome, EjectUnconfirmed, KioskStatus, SlotView
 from actors.placement import host_names, owner
 from config import Settings
 
@@ -49,18 +50,33 @@ class Fleet:
         return handle
 
     async def rent(self, serial_number: str, rental_id: str) -> EjectOutcome:
-        outcome: EjectOutcome = await self.host(serial_number).rent.remote(serial_number, rental_id)
+        try:
+            outcome: EjectOutcome = await self.host(serial_number).rent.remote(serial_number, rental_id)
+        except RayError as exc:  # the host died mid-call: the eject may or may not have gone out
+            log.warning(
+                "event=host_unavailable station_sn=%s rental_id=%s error=%r", serial_number, rental_id, exc
+            )
+            return EjectUnconfirmed(request_id=rental_id, powerbank_sn="")
         return outcome
 
     async def frame(self, serial_number: str, kind: str, payload: bytes) -> None:
         await self.host(serial_number).on_frame.remote(serial_number, kind, payload)
 
     async def status(self, serial_number: str) -> KioskStatus | None:
-        status: KioskStatus | None = await self.host(serial_number).status.remote(serial_number)
+        """The kiosk's live status; None (offline) while its host is unreachable or restarting."""
+        try:
+            status: KioskStatus | None = await self.host(serial_number).status.remote(serial_number)
+        except RayError as exc:
+            log.warning("event=host_unavailable station_sn=%s error=%r", serial_number, exc)
+            return None
         return status
 
     async def slots(self, serial_number: str) -> list[SlotView] | None:
-        views: list[SlotView] | None = await self.host(serial_number).slots.remote(serial_number)
+        try:
+            views: list[SlotView] | None = await self.host(serial_number).slots.remote(serial_number)
+        except RayError as exc:
+            log.warning("event=host_unavailable station_sn=%s error=%r", serial_number, exc)
+            return None
         return views
 
     def broker_restarted(self) -> list[Any]:

@@ -40,7 +40,7 @@ from config import Settings
 from domain import rentals, stations
 from domain.stations import StationModel
 from storage.db import Database
-from telemetry import metrics
+from telemetry import logs, metrics
 
 log = logging.getLogger(__name__)
 BROKER_ACTOR = "mqtt-broker"
@@ -54,6 +54,7 @@ class KioskHost:
     """Plain async class; `KioskHostActor` below is its Ray actor form."""
 
     def __init__(self, settings: Settings, name: str) -> None:
+        logs.configure(settings.log_level)
         self.settings = settings
         self.name = name
         self.hosts = host_names(settings.kiosk_hosts)
@@ -242,9 +243,9 @@ class KioskHost:
 
     async def eject_dispatched(
         self, request_id: str, slot_number: int, powerbank_sn: str, soc: int | None
-    ) -> None:
+    ) -> bool:
         async with self.db.transaction() as session:
-            await rentals.dispatch_eject(
+            return await rentals.dispatch_eject(
                 session,
                 rental_id=uuid.UUID(request_id),
                 powerbank_sn=powerbank_sn,

@@ -39,6 +39,7 @@ from actors.messages import (
     KioskStatus,
     KioskTimedOut,
     NoPowerBank,
+    RequestWithdrawn,
     SlotView,
     Tick,
     outcome_reason,
@@ -78,7 +79,9 @@ class KioskPorts(Protocol):
 
     async def eject_dispatched(
         self, request_id: str, slot_number: int, powerbank_sn: str, soc: int | None
-    ) -> None: ...
+    ) -> bool:
+        """Record the bank about to be ejected; False if the request is no longer pending (do not send)."""
+        ...
 
     async def snapshot_received(self, serial_number: str, slots: list[SlotView]) -> None: ...
 
@@ -386,7 +389,7 @@ class Kiosk:
             outcome = await self._eject_best(request_id)
             seconds = time.monotonic() - started
             reason = outcome_reason(outcome)
-            if reason not in ("offline", "not_ready", "no_power_bank", "busy"):
+            if reason not in ("offline", "not_ready", "no_power_bank", "busy", "withdrawn"):
                 result = reason if reason in ("success", "timeout", "lost_reply") else "failed"
                 metrics.EJECT_SECONDS.labels(result=result).observe(seconds)
             log.info(
@@ -429,7 +432,9 @@ class Kiosk:
     async def _eject_slot(self, slot: Slot, powerbank_sn: str, request_id: str) -> EjectOutcome:
         slot.reserved = True
         soc = slot.soc
-        await self.ports.eject_dispatched(request_id, slot.number, powerbank_sn, soc)
+        if not await self.ports.eject_dispatched(request_id, slot.number, powerbank_sn, soc):
+            slot.reserved = False
+            return RequestWithdrawn(request_id=request_id)
         for send in (1, 2):  # the command, and at most one retry after a check showed the bank still there
             result = await self._send_and_wait(request_id, powerbank_sn)
             if result is not None:

@@ -92,6 +92,13 @@ class EjectUnconfirmed:
     powerbank_sn: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestWithdrawn:
+    """The rental was settled elsewhere (e.g. by the reconciler) before its eject was sent: nothing sent."""
+
+    request_id: str
+
+
 EjectOutcome = (
     Ejected
     | EjectRefused
@@ -101,6 +108,7 @@ EjectOutcome = (
     | NoPowerBank
     | KioskBusy
     | EjectUnconfirmed
+    | RequestWithdrawn
 )
 
 
@@ -125,6 +133,8 @@ def outcome_reason(outcome: EjectOutcome) -> str:
             return "busy"
         case EjectUnconfirmed():
             return "unconfirmed"
+        case RequestWithdrawn():
+            return "withdrawn"
 
 
 # --- queries ------------------------------------------------------------------------------------------

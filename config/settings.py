@@ -33,6 +33,7 @@ class Settings(BaseSettings):
 
     sms_backend: str = "console"
     data_dir: Path = Path("./var")
+    log_level: str = "INFO"
     jwt_secret: str | None = None
     jwt_access_ttl_s: int = 15 * 60
     jwt_refresh_ttl_s: int = 30 * 24 * 3600

@@ -121,11 +121,14 @@ async def begin(session: AsyncSession, *, user_id: uuid.UUID, station_sn: str, p
 
 async def dispatch_eject(
     session: AsyncSession, *, rental_id: uuid.UUID, powerbank_sn: str, slot_number: int, soc: int | None
-) -> None:
-    """Record which bank an eject was sent for, before it is sent, so a crash can be resolved later."""
+) -> bool:
+    """Record which bank an eject is about to be sent for, so a crash can be resolved later.
+    False when the rental is no longer PENDING_POPUP: then the eject must not be sent."""
     rental = await get(session, rental_id, lock=True)
-    if rental.status == RentalStatus.PENDING_POPUP:
-        rental.powerbank_sn, rental.slot_number, rental.start_battery_level = powerbank_sn, slot_number, soc
+    if rental.status != RentalStatus.PENDING_POPUP:
+        return False
+    rental.powerbank_sn, rental.slot_number, rental.start_battery_level = powerbank_sn, slot_number, soc
+    return True
 
 
 async def resolve_pending(

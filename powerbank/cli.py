@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import sys
 from enum import StrEnum
 from typing import Annotated
 
@@ -21,10 +19,10 @@ app.add_typer(admin_app, name="admin")
 console = Console(stderr=True)
 
 
-def _logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
-    )
+def _logging(level: str | None = None) -> None:
+    from telemetry import logs
+
+    logs.configure(level or Settings().log_level)
 
 
 def _fail(message: str) -> None:

@@ -122,6 +122,7 @@ async def start_system(settings: Settings, *, check_http_port: bool = True) -> S
         name=BROKER_ACTOR,
         namespace=settings.ray_namespace,
         get_if_exists=True,
+        max_restarts=-1,
         num_cpus=0,
         max_concurrency=1000,
     ).remote(settings)

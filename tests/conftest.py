@@ -79,6 +79,8 @@ def settings(tmp_root: Path, database_url: str, redis_url: str) -> Any:
         sms_backend=f"file:{tmp_root / 'sms.jsonl'}",
         data_dir=tmp_root / "var",
         eject_timeout_s=3.0,
+        supervise_interval_s=0.5,
+        pending_popup_resolve_s=20.0,
     )
 
 

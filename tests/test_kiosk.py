@@ -22,6 +22,7 @@ from actors.messages import (
     KioskStatus,
     KioskTimedOut,
     NoPowerBank,
+    RequestWithdrawn,
     SlotView,
     Tick,
 )
@@ -110,8 +111,9 @@ class ScriptedCabinet:
 
     async def eject_dispatched(
         self, request_id: str, slot_number: int, powerbank_sn: str, soc: int | None
-    ) -> None:
+    ) -> bool:
         self.dispatched.append((request_id, slot_number, powerbank_sn))
+        return request_id != "withdrawn"
 
     async def snapshot_received(self, serial_number: str, slots: list[SlotView]) -> None:
         pass
@@ -299,3 +301,10 @@ async def test_invalid_frames_change_nothing(payload: bytes) -> None:
     cabinet.send(payload)
     await kiosk.drained()
     assert kiosk.slot_views() == before and kiosk.ready
+
+
+async def test_a_request_settled_elsewhere_is_not_sent() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111")})
+    kiosk = await ready_kiosk(cabinet)
+    assert await kiosk.eject(request_id="withdrawn") == RequestWithdrawn(request_id="withdrawn")
+    assert popups(cabinet) == [] and kiosk.slots[1].rentable(CONFIG)

@@ -1,0 +1,161 @@
+"""Recovery over real parts: a killed kiosk host, a restarted broker, a rental left PENDING_POPUP."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+import ray
+from sqlalchemy import update
+
+from actors.placement import owner
+from domain import rentals, wallet
+from storage.models import EntryType, Rental
+from tests.conftest import Api, new_phone
+from tests.test_walking_skeleton import eventually, start_cabinets, wait_ready
+
+pytestmark = pytest.mark.integration
+
+
+async def funded_user(
+    client: httpx.AsyncClient, api: Api, operator_token: str, amount: str = "500"
+) -> dict[str, Any]:
+    user = await api.login(new_phone())
+    r = await client.post(
+        f"/api/admin/users/{user['user']['id']}/wallet/credit",
+        json={"amount": amount, "reason": "test"},
+        headers=Api.auth(operator_token),
+    )
+    assert r.status_code == 201, r.text
+    return user
+
+
+async def rent(client: httpx.AsyncClient, token: str, station_sn: str) -> httpx.Response:
+    return await client.post(
+        "/api/rentals/start", json={"station_sn": station_sn, "package_id": 1}, headers=Api.auth(token)
+    )
+
+
+async def rental_status(client: httpx.AsyncClient, token: str, rental_id: str) -> str:
+    history = (await client.get("/api/rentals/history", headers=Api.auth(token))).json()["data"]["results"]
+    status: str = next(r["status"] for r in history if r["id"] == rental_id)
+    return status
+
+
+async def test_a_killed_kiosk_host_is_restarted_and_loses_nothing(
+    client: httpx.AsyncClient, api: Api, operator_token: str, system: Any
+) -> None:
+    station_a, station_b = await start_cabinets(client, operator_token, 2)
+    try:
+        user = await funded_user(client, api, operator_token)
+        token = user["access"]
+        await wait_ready(client, token, station_a.sn)
+        r = await rent(client, token, station_a.sn)
+        assert r.status_code == 201, r.text
+        rental = r.json()["data"]
+
+        fleet = system.services.fleet
+        for name in {owner(station_a.sn, fleet.hosts), owner(station_b.sn, fleet.hosts)}:
+            ray.kill(fleet._handle(name), no_restart=False)
+
+        # Restarted hosts rebuild their kiosks from the database and resync with the connected cabinets.
+        await wait_ready(client, token, station_a.sn)
+        await wait_ready(client, token, station_b.sn)
+        await station_b.return_powerbank(rental["powerbank_sn"])
+
+        async def completed() -> bool:
+            return await rental_status(client, token, rental["id"]) == "COMPLETED"
+
+        await eventually(completed)
+        balance = (await client.get("/api/payments/wallet/balance", headers=Api.auth(token))).json()["data"]
+        assert Decimal(balance["balance"]) == Decimal("500") - Decimal(rental["package"]["price"])
+        r = await rent(client, token, station_a.sn)  # and renting works again
+        assert r.status_code == 201, r.text
+        assert station_a.eject_counts[r.json()["data"]["powerbank_sn"]] == 1
+    finally:
+        await station_a.stop()
+        await station_b.stop()
+
+
+async def test_a_restarted_broker_gets_every_cabinet_back(
+    client: httpx.AsyncClient, api: Api, operator_token: str, system: Any
+) -> None:
+    station_a, station_b = await start_cabinets(client, operator_token, 2)
+    try:
+        user = await funded_user(client, api, operator_token)
+        token = user["access"]
+        await wait_ready(client, token, station_a.sn)
+        r = await rent(client, token, station_a.sn)
+        assert r.status_code == 201, r.text
+        rental = r.json()["data"]
+
+        ray.kill(system.broker, no_restart=False)  # the supervisor makes the restarted broker listen again
+
+        async def offline() -> bool:
+            data = (await client.get(f"/api/stations/{station_a.sn}", headers=Api.auth(token))).json()["data"]
+            return bool(data["status"] == "OFFLINE")
+
+        await eventually(offline, within=15)
+        await wait_ready(client, token, station_b.sn)  # the simulator reconnected with backoff
+        await station_b.wait_connected()
+        await station_b.return_powerbank(rental["powerbank_sn"])
+
+        async def completed() -> bool:
+            return await rental_status(client, token, rental["id"]) == "COMPLETED"
+
+        await eventually(completed, within=10)
+        await wait_ready(client, token, station_a.sn)
+        r = await rent(client, token, station_a.sn)
+        assert r.status_code == 201, r.text
+    finally:
+        await station_a.stop()
+        await station_b.stop()
+
+
+async def test_rentals_left_pending_are_settled_from_the_cabinets_holes(
+    client: httpx.AsyncClient, api: Api, operator_token: str, system: Any
+) -> None:
+    """As if the API died mid-rental: PENDING_POPUP rentals with the bank they were ejecting recorded."""
+    (station,) = await start_cabinets(client, operator_token, 1)
+    try:
+        gone_user = await funded_user(client, api, operator_token)
+        kept_user = await funded_user(client, api, operator_token)
+        await wait_ready(client, gone_user["access"], station.sn)
+        in_hole = next(iter(station.banks().items()))
+        db = system.services.db
+        ids = []
+        for user, (hole, sn) in ((gone_user, (in_hole[0], "87654321")), (kept_user, in_hole)):
+            async with db.transaction() as session:
+                pending = await rentals.begin(
+                    session, user_id=uuid.UUID(user["user"]["id"]), station_sn=station.sn, package_id=1
+                )
+                await session.flush()
+                await rentals.dispatch_eject(
+                    session, rental_id=pending.id, powerbank_sn=sn, slot_number=hole, soc=80
+                )
+                await session.execute(
+                    update(Rental)
+                    .where(Rental.id == pending.id)
+                    .values(created_at=datetime.now(UTC) - timedelta(minutes=5))
+                )
+                ids.append(str(pending.id))
+
+        async def settled() -> bool:
+            statuses = [
+                await rental_status(client, u["access"], rid)
+                for u, rid in zip((gone_user, kept_user), ids, strict=True)
+            ]
+            return statuses == ["ACTIVE", "CANCELLED"]
+
+        await eventually(settled, within=10)
+        async with db.transaction() as session:
+            assert await wallet.ledger_imbalance(session) == Decimal("0.00")
+            kept = await rentals.get(session, uuid.UUID(ids[1]))
+            assert kept.failure_reason == "unresolved_eject" and kept.amount_paid == Decimal("0.00")
+        assert EntryType.RENTAL_CHARGE  # charging happens at return, so neither was charged yet
+    finally:
+        await station.stop()
