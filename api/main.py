@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from api.deps import Services
 from api.envelope import install_error_handlers
 from api.routers import admin, auth, firmware, payments, rentals, stations
+from domain import rentals as rental_rules
 from telemetry import metrics
 
 
@@ -46,6 +47,9 @@ def create_app(
 
     @app.get("/metrics", tags=["system"])
     async def metrics_endpoint() -> Response:
+        async with services.db.transaction() as session:
+            for status, count in (await rental_rules.open_counts(session)).items():
+                metrics.RENTALS_ACTIVE.labels(status=status.value.lower()).set(count)
         remote = await remote_metrics() if remote_metrics else []
         return Response(metrics.render(remote), media_type="text/plain; version=0.0.4; charset=utf-8")
 

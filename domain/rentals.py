@@ -168,6 +168,17 @@ async def resolve_pending(
     return settled
 
 
+async def open_counts(session: AsyncSession) -> dict[RentalStatus, int]:
+    rows = await session.execute(
+        select(Rental.status, func.count())
+        .where(Rental.status.in_(OPEN_RENTAL_STATUSES))
+        .group_by(Rental.status)
+    )
+    counts = dict.fromkeys(OPEN_RENTAL_STATUSES, 0)
+    counts.update({status: n for status, n in rows.tuples()})
+    return counts
+
+
 async def pending_stations(session: AsyncSession, *, older_than: datetime) -> list[str]:
     """Stations that have PENDING_POPUP rentals older than `older_than`."""
     rows = await session.scalars(

@@ -120,6 +120,7 @@ async def test_rent_at_a_return_at_b(
         ejected = [sn for sn, count in station_a.eject_counts.items() if count]
         assert ejected == [rental["powerbank_sn"]]
         assert station_a.eject_counts[rental["powerbank_sn"]] == 1
+        assert await metric(client, "powerbank_rentals_active", status="active") >= 1
         detail = (await client.get(f"/api/stations/{station_a.sn}", headers=Api.auth(token))).json()["data"]
         hole = next(s for s in detail["slots"] if s["slot_number"] == rental["slot_number"])
         assert hole["status"] == "AVAILABLE" and hole["battery_level"] is None
