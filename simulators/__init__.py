@@ -13,7 +13,9 @@ from simulators.cabinet import (
     SimulatedCabinet,
     send_return,
 )
+from simulators.faults import Faults
 from simulators.fleet import ProvisioningError, SimulatedFleet, load_credentials, provision, save_credentials
+from simulators.scenario import ScenarioStep, load_scenario, parse_scenario, run_scenario
 
 __all__ = [
     "CabinetCredentials",
@@ -22,11 +24,16 @@ __all__ = [
     "CabinetNotConnected",
     "CabinetRefused",
     "CabinetUnreachable",
+    "Faults",
     "ProvisioningError",
+    "ScenarioStep",
     "SimulatedCabinet",
     "SimulatedFleet",
     "load_credentials",
+    "load_scenario",
+    "parse_scenario",
     "provision",
+    "run_scenario",
     "save_credentials",
     "send_return",
 ]

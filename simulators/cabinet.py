@@ -10,24 +10,33 @@ and every ``heartbeat_s``, and a periodic 0x10 on ``/user/upload``. ``reboot`` d
 reconnects, as the firmware does; a lost connection is re-established with backoff. Every publish is
 QoS 0. Unknown commands are logged and ignored.
 
-Fault injection plugs in at three seams: :meth:`SimulatedCabinet._dispatch` (which commands are seen),
-the ``_eject_*`` methods (what physically happens and which state code comes back) and
-:meth:`SimulatedCabinet._publish_frame` (whether/when a reply leaves).
+Like the firmware, a command that arrives twice (e.g. a broker redelivery) is executed twice, and
+``timestamp`` / ``ttl`` are ignored: a repeated ``popup_sn`` whose power bank already came out ejects the
+next-best one instead. Every physical eject is counted per command payload (:attr:`ejects_per_command`,
+:attr:`physical_ejects`) so tests can prove "at most once".
+
+Faults (:class:`~simulators.faults.Faults`, the ``faults`` attribute, switchable while running) plug in at
+four seams: :meth:`SimulatedCabinet._on_message` (silence, random disconnects, duplicate detection), the
+``_eject_*`` methods (what physically happens and which state code comes back), :meth:`_answering`
+(whether/when a reply leaves) and :meth:`_publish_frame` (what the bytes look like).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from urllib.parse import quote
 
+from amqtt.adapters import StreamWriterAdapter
 from amqtt.client import MQTTClient
-from amqtt.errors import ClientError, ConnectError
+from amqtt.errors import AMQTTError, ClientError, ConnectError
+from amqtt.mqtt.protocol.client_handler import ClientProtocolHandler
 
 import rentbox
 from rentbox import (
@@ -44,6 +53,7 @@ from rentbox import (
     Snapshot,
 )
 from rentbox.commands import MAX_HOLE
+from simulators.faults import HOT_TEMPERATURE_C, Faults
 
 __all__ = [
     "CabinetCredentials",
@@ -68,6 +78,10 @@ RECONNECT_MAX_S: Final = 30.0
 REBOOT_DELAY_S: Final = 1.0
 UPLOAD_INTERVAL_S: Final = 20 * 60.0
 """Firmware sends an unsolicited 0x10 on /user/upload every 20 minutes."""
+RANDOM_DISCONNECT_S: Final = (0.8, 1.2)
+"""Reconnect delay range after a ``disconnect_probability`` drop ("about 1 s")."""
+SILENCE_POLL_S: Final = 0.2
+"""How often a silent cabinet re-reads its faults (assigning ``cabinet.faults`` wakes it at once)."""
 
 SN_MIN: Final = 10_000_000
 SN_MAX: Final = 99_999_999
@@ -188,11 +202,11 @@ def _return_event(*, board: int, hole: int, sn: str, soc: int) -> ReturnEvent:
     )
 
 
-def _client_config() -> dict[str, Any]:
+def _client_config(keepalive_s: int = KEEPALIVE_S) -> dict[str, Any]:
     # auto_reconnect off: amqtt's reconnect would not re-subscribe a clean session; the cabinet
     # reconnects and re-subscribes itself. keep_alive - ping_delay is what CONNECT advertises.
     return {
-        "keep_alive": KEEPALIVE_S,
+        "keep_alive": keepalive_s,
         "ping_delay": 0,
         "auto_reconnect": False,
         "cleansession": True,
@@ -211,8 +225,8 @@ _CONNACK_REASONS: Final = {
 }
 
 
-async def _connect_client(credentials: CabinetCredentials) -> MQTTClient:
-    client = MQTTClient(client_id=credentials.sn, config=_client_config())
+async def _connect_client(credentials: CabinetCredentials, *, keepalive_s: int = KEEPALIVE_S) -> MQTTClient:
+    client = MQTTClient(client_id=credentials.sn, config=_client_config(keepalive_s))
     try:
         await client.connect(credentials.uri, cleansession=True)
     except ConnectError as exc:
@@ -236,12 +250,71 @@ async def _connect_client(credentials: CabinetCredentials) -> MQTTClient:
 async def _disconnect_quietly(client: MQTTClient) -> None:
     try:
         await asyncio.wait_for(client.disconnect(), DISCONNECT_TIMEOUT_S)
-    except (ClientError, OSError, TimeoutError) as exc:
+    except (AMQTTError, ClientError, OSError, TimeoutError) as exc:
         log.debug("event=cabinet_disconnect_failed error=%r", exc)
 
 
+def _gate_keepalive(client: MQTTClient, is_silenced: Callable[[], bool]) -> None:
+    """Hold back ``client``'s keepalive PINGREQ while ``is_silenced()`` (the ``silent`` fault).
+
+    amqtt 0.12.1 pings on its own: its client protocol handler arms a timer for
+    ``handle_write_timeout`` ``keep_alive`` seconds after every packet it sends, and that method sends
+    the PINGREQ. The method is wrapped on this one handler instance (site-packages stay untouched).
+    Call right after connecting: the timer armed at CONNECT still holds the original method, and the
+    next packet (the SUBSCRIBE) re-arms it with the wrapper.
+    """
+    handler = client._handler
+    if type(handler) is not ClientProtocolHandler or not callable(
+        getattr(handler, "handle_write_timeout", None)
+    ):
+        raise CabinetError(
+            f"amqtt's client handler is {type(handler).__name__} without handle_write_timeout: the silent "
+            "fault cannot hold back its keepalive pings with this amqtt version"
+        )
+    ping_when_idle: Callable[[], None] = handler.handle_write_timeout
+
+    def handle_write_timeout() -> None:
+        if not is_silenced():
+            ping_when_idle()  # silent: no PINGREQ; the next packet sent re-arms the timer
+
+    handler.handle_write_timeout = handle_write_timeout
+
+
+def _abort_connection(client: MQTTClient) -> None:
+    """Drop the TCP connection as a lost 4G link does: no DISCONNECT packet, the socket is reset."""
+    handler = client._handler
+    writer = handler.writer if handler is not None else None
+    if isinstance(writer, StreamWriterAdapter):
+        writer.is_closed = True  # amqtt writes nothing more on it, not even the DISCONNECT of disconnect()
+        writer._writer.transport.abort()
+
+
+@dataclass(slots=True, kw_only=True)
+class _Command:
+    """A command as received: its fields, the raw payload (the counting key) and what faults decided."""
+
+    fields: dict[str, str]
+    key: str
+    duplicate: bool
+    drop_after: float | None = None
+    """Drop the connection after executing it, without replying, and reconnect after this many seconds."""
+
+
+class _EjectOutcome(NamedTuple):
+    hole: int
+    sn: str | None
+    state: int
+    ejected: bool
+
+
 class SimulatedCabinet:
-    """One cabinet: boards x holes of power banks, an MQTT connection, and the firmware's replies."""
+    """One cabinet: boards x holes of power banks, an MQTT connection, and the firmware's replies.
+
+    ``faults`` (a :class:`Faults`, default none) can be replaced while running and applies from the
+    next packet. ``upload_s`` is the periodic 0x10 interval, ``heartbeat_s`` the 0x7A interval and
+    ``keepalive_s`` the MQTT keepalive the cabinet advertises. ``seed`` seeds every random choice (the
+    initial banks and the probabilistic faults).
+    """
 
     def __init__(
         self,
@@ -253,6 +326,9 @@ class SimulatedCabinet:
         seed: int | None = None,
         heartbeat_s: float = 60.0,
         banks: Mapping[int, str] | None = None,
+        faults: Faults | None = None,
+        upload_s: float = UPLOAD_INTERVAL_S,
+        keepalive_s: int = KEEPALIVE_S,
     ) -> None:
         if not 1 <= boards <= 10:
             raise ValueError(f"boards must be 1..10, got {boards}")
@@ -260,14 +336,28 @@ class SimulatedCabinet:
             raise ValueError(f"holes_per_board must be at least 1 and boards x holes at most {MAX_HOLE}")
         if heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be positive, got {heartbeat_s}")
+        if upload_s <= 0:
+            raise ValueError(f"upload_s must be positive, got {upload_s}")
+        if not 0 <= keepalive_s <= 0xFFFF:
+            raise ValueError(f"keepalive_s must be 0..65535 seconds (0 = no keepalive), got {keepalive_s}")
         self.credentials = credentials
         self.sn = credentials.sn
         self.boards = boards
         self.holes_per_board = holes_per_board
         self.heartbeat_s = heartbeat_s
-        self.upload_s = UPLOAD_INTERVAL_S
+        self.upload_s = upload_s
+        self.keepalive_s = keepalive_s
         self.eject_counts: collections.Counter[str] = collections.Counter()
+        """Physical ejects per power-bank SN."""
+        self.ejects_per_command: collections.Counter[str] = collections.Counter()
+        """Physical ejects per received eject command, keyed by its raw payload (a retry with a fresh
+        timestamp is another key; a redelivery of the same payload is the same key)."""
+        self.physical_ejects: list[tuple[str, str]] = []
+        """``(command payload, power-bank SN)`` of every physical eject, in order."""
         self.commands: list[dict[str, str]] = []
+        self._received: collections.Counter[str] = collections.Counter()
+        self._faults = faults if faults is not None else Faults()
+        self._faults_assigned = asyncio.Event()
         self._rng = random.Random(seed)
         hole_count = boards * holes_per_board
         if banks is None:
@@ -279,7 +369,7 @@ class SimulatedCabinet:
             if sn in self.banks().values():
                 raise ValueError(f"power bank {sn} cannot be in two holes")
             self._holes[hole] = self._new_bank(_check_sn(sn), soc=self._rng.randint(SOC_MIN, SOC_MAX))
-        self._handlers: dict[str, Callable[[dict[str, str]], Awaitable[None]]] = {
+        self._handlers: dict[str, Callable[[_Command], Awaitable[None]]] = {
             "check": self._on_check,
             "check_all": self._on_check,
             "upload_all": self._on_check,
@@ -291,11 +381,26 @@ class SimulatedCabinet:
         self._runner: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._reboot_requested = False
+        self._drop_after: float | None = None
 
     def __repr__(self) -> str:
         return f"SimulatedCabinet(sn={self.sn!r}, banks={len(self.banks())}/{len(self._holes)})"
 
     # ------------------------------------------------------------------------------------- state
+
+    @property
+    def faults(self) -> Faults:
+        """The active faults. Assign a new :class:`Faults` to switch them on a running cabinet."""
+        return self._faults
+
+    @faults.setter
+    def faults(self, faults: Faults) -> None:
+        if not isinstance(faults, Faults):
+            raise TypeError(f"faults must be a Faults, got {type(faults).__name__}")
+        self._faults = faults
+        assigned, self._faults_assigned = self._faults_assigned, asyncio.Event()
+        assigned.set()  # wake whoever waits for the end (or the start) of silence
+        log.info("event=cabinet_faults station_sn=%s faults=%r", self.sn, faults.describe() or "none")
 
     @property
     def hole_count(self) -> int:
@@ -323,7 +428,7 @@ class SimulatedCabinet:
         return next((hole for hole, bank in self._holes.items() if bank is not None and bank.sn == sn), None)
 
     def snapshot(self) -> Snapshot:
-        """The 0x10 frame describing the cabinet right now."""
+        """The 0x10 frame describing the cabinet right now (stuck and hot holes as the faults say)."""
         boards = tuple(
             BoardInfo(
                 index=board,
@@ -333,15 +438,19 @@ class SimulatedCabinet:
             )
             for board in range(1, self.boards + 1)
         )
-        return Snapshot(boards=boards, holes=tuple(self._hole_info(hole) for hole in sorted(self._holes)))
+        faults = self.faults
+        return Snapshot(
+            boards=boards, holes=tuple(self._hole_info(hole, faults) for hole in sorted(self._holes))
+        )
 
-    def _hole_info(self, hole: int) -> HoleInfo:
+    def _hole_info(self, hole: int, faults: Faults) -> HoleInfo:
         bank = self._holes[hole]
+        stuck = hole in faults.stuck_holes
         if bank is None:
             return HoleInfo(
                 hole=hole,
                 board=self.board_of(hole),
-                state=HoleState.EMPTY,
+                state=faults.stuck_state if stuck else HoleState.EMPTY,
                 current=0.0,
                 voltage=0.0,
                 area=0,
@@ -357,13 +466,13 @@ class SimulatedCabinet:
         return HoleInfo(
             hole=hole,
             board=self.board_of(hole),
-            state=HoleState.NORMAL,
+            state=faults.stuck_state if stuck else HoleState.NORMAL,
             current=0.5 if charging else 0.0,
             voltage=BANK_VOLTAGE,
             area=0,
             sn=bank.sn,
             soc=bank.soc,
-            temperature=bank.temperature,
+            temperature=HOT_TEMPERATURE_C if hole in faults.hot_holes else bank.temperature,
             charge_voltage=CHARGE_VOLTAGE,
             charge_current=1.0 if charging else 0.1,
             software_version=BANK_SOFTWARE_VERSION,
@@ -377,6 +486,7 @@ class SimulatedCabinet:
 
         Raises :class:`CabinetRefused` if the broker refuses the credentials or the subscription, and
         :class:`CabinetUnreachable` if it cannot be reached. Afterwards a lost connection is retried.
+        A cabinet started ``silent`` connects (CONNECT, SUBSCRIBE) and then sends nothing.
         """
         if self._runner is not None:
             raise CabinetError(f"cabinet {self.sn} is already started")
@@ -404,9 +514,10 @@ class SimulatedCabinet:
         await self._connected.wait()
 
     async def _connect(self) -> MQTTClient:
-        client = await _connect_client(self.credentials)
+        client = await _connect_client(self.credentials, keepalive_s=self.keepalive_s)
         topic = rentbox.command_topic(self.credentials.product_key, self.sn)
         try:
+            _gate_keepalive(client, lambda: self.faults.silent)
             codes = await client.subscribe([(topic, QOS_0)])
         except BaseException:
             await _disconnect_quietly(client)
@@ -425,21 +536,30 @@ class SimulatedCabinet:
             self._connected.clear()
             self._client = None
             await _disconnect_quietly(client)
-            delay = REBOOT_DELAY_S if self._reboot_requested else RECONNECT_INITIAL_S
+            if self._drop_after is not None:
+                delay, self._drop_after = self._drop_after, None
+            elif self._reboot_requested:
+                delay = REBOOT_DELAY_S
+            else:
+                delay = RECONNECT_INITIAL_S
             self._reboot_requested = False
-            while True:
-                await asyncio.sleep(delay)
-                try:
-                    client = await self._connect()
-                    break
-                except CabinetError as exc:
-                    log.warning("event=cabinet_reconnect_failed station_sn=%s error=%s", self.sn, exc)
-                    delay = min(delay * 2, RECONNECT_MAX_S)
+            client = await self._reconnect(delay)
+
+    async def _reconnect(self, delay: float) -> MQTTClient:
+        """Reconnect after ``delay`` with backoff; a silent cabinet waits until it is no longer silent."""
+        while True:
+            await asyncio.sleep(delay)
+            await self._until_loud()
+            try:
+                return await self._connect()
+            except CabinetError as exc:
+                log.warning("event=cabinet_reconnect_failed station_sn=%s error=%s", self.sn, exc)
+                delay = min(max(delay * 2, RECONNECT_INITIAL_S), RECONNECT_MAX_S)
 
     async def _serve(self, client: MQTTClient) -> None:
         """Run one connection: heartbeats, periodic uploads and commands, until it is lost or rebooted."""
         periodic = [
-            asyncio.create_task(self._every(self.heartbeat_s, self._send_heartbeat), name=f"heart-{self.sn}"),
+            asyncio.create_task(self._heartbeats(), name=f"heart-{self.sn}"),
             asyncio.create_task(
                 self._every(self.upload_s, self._send_upload, immediately=False), name=f"upload-{self.sn}"
             ),
@@ -452,7 +572,7 @@ class SimulatedCabinet:
             await asyncio.gather(*periodic, return_exceptions=True)
 
     async def _receive(self, client: MQTTClient) -> None:
-        while not self._reboot_requested:
+        while not self._reboot_requested and self._drop_after is None:
             try:
                 message = await client.deliver_message()
             except asyncio.CancelledError:
@@ -473,97 +593,213 @@ class SimulatedCabinet:
         if not immediately:
             await asyncio.sleep(interval_s)
         while True:
-            try:
-                await action()
-            except (CabinetError, ClientError, OSError) as exc:
-                log.debug("event=cabinet_periodic_publish_failed station_sn=%s error=%r", self.sn, exc)
+            await self._periodic(action)
             await asyncio.sleep(interval_s)
+
+    async def _periodic(self, action: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await action()
+        except (CabinetError, ClientError, OSError) as exc:
+            log.debug("event=cabinet_periodic_publish_failed station_sn=%s error=%r", self.sn, exc)
+
+    async def _heartbeats(self) -> None:
+        """A heartbeat on connect, then every ``heartbeat_s``; right away again when silence ends."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._until_loud()
+            await self._periodic(self._send_heartbeat)
+            deadline = loop.time() + self.heartbeat_s
+            while not self.faults.silent and (remaining := deadline - loop.time()) > 0:
+                await self._next_faults(remaining)
+
+    async def _until_loud(self) -> None:
+        while self.faults.silent:
+            await self._next_faults(SILENCE_POLL_S)
+
+    async def _next_faults(self, timeout_s: float) -> None:
+        """Wait until ``faults`` is assigned, at most ``timeout_s``."""
+        assigned = self._faults_assigned
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await assigned.wait()
+
+    def _drop_connection(self, reconnect_after_s: float, *, reason: str) -> None:
+        """Reset the TCP connection now (no DISCONNECT) and reconnect after ``reconnect_after_s``."""
+        log.info(
+            "event=cabinet_dropping_connection station_sn=%s reason=%s reconnect_after_s=%.2f",
+            self.sn,
+            reason,
+            reconnect_after_s,
+        )
+        self._drop_after = reconnect_after_s
+        self._connected.clear()
+        if self._client is not None:
+            _abort_connection(self._client)
 
     # ------------------------------------------------------------------------------- commands
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
+        if self.faults.silent:
+            log.info("event=cabinet_command_lost station_sn=%s reason=silent", self.sn)
+            return
         try:
-            command = rentbox.parse_command(payload)
+            fields = rentbox.parse_command(payload)
         except rentbox.CommandError as exc:
             log.warning(
                 "event=cabinet_command_unparseable station_sn=%s topic=%s error=%s", self.sn, topic, exc
             )
             return
-        self.commands.append(command)
-        log.info("event=cabinet_command station_sn=%s cmd=%s", self.sn, command["cmd"])
+        key = payload.decode("utf-8")
+        self.commands.append(fields)
+        self._received[key] += 1
+        command = _Command(fields=fields, key=key, duplicate=self._received[key] > 1)
+        log.info(
+            "event=cabinet_command station_sn=%s cmd=%s duplicate=%s",
+            self.sn,
+            fields["cmd"],
+            command.duplicate,
+        )
+        faults = self.faults
+        if faults.disconnect_probability and self._rng.random() < faults.disconnect_probability:
+            reconnect_after_s = self._rng.uniform(*RANDOM_DISCONNECT_S)
+            if self._rng.random() < 0.5:
+                self._drop_connection(reconnect_after_s, reason="random_before_command")
+                return
+            command.drop_after = reconnect_after_s
         try:
             await self._dispatch(command)
         except (CabinetError, ClientError, OSError) as exc:
             log.warning(
-                "event=cabinet_reply_failed station_sn=%s cmd=%s error=%r", self.sn, command["cmd"], exc
+                "event=cabinet_reply_failed station_sn=%s cmd=%s error=%r", self.sn, fields["cmd"], exc
             )
+        if command.drop_after is not None and self._drop_after is None:
+            self._drop_connection(command.drop_after, reason="after_command")
 
-    async def _dispatch(self, command: dict[str, str]) -> None:
-        handler = self._handlers.get(command["cmd"])
+    async def _dispatch(self, command: _Command) -> None:
+        handler = self._handlers.get(command.fields["cmd"])
         if handler is None:
-            log.info("event=cabinet_command_ignored station_sn=%s cmd=%s", self.sn, command["cmd"])
+            log.info("event=cabinet_command_ignored station_sn=%s cmd=%s", self.sn, command.fields["cmd"])
             return
         await handler(command)
 
-    async def _on_check(self, command: dict[str, str]) -> None:
-        await self.send_snapshot()
+    async def _answering(self, command: _Command, *, eject: bool = False, ejected: bool = False) -> bool:
+        """Apply the reply faults to ``command``'s reply: True when it is to be sent now (after any delay).
 
-    async def _on_popup_sn(self, command: dict[str, str]) -> None:
-        requested = command.get("data", "")
+        ``eject``: the command is popup_sn/popup; ``ejected``: a power bank physically came out.
+        """
+        faults = self.faults
+        if eject and faults.disconnect_mid_eject is not None and command.drop_after is None:
+            command.drop_after = faults.disconnect_mid_eject
+        if command.drop_after is not None:
+            log.info("event=cabinet_reply_withheld station_sn=%s reason=disconnect", self.sn)
+            return False
+        if ejected and faults.lose_eject_reply and self._rng.random() < faults.lose_eject_reply:
+            log.info("event=cabinet_reply_withheld station_sn=%s reason=lose_eject_reply", self.sn)
+            return False
+        if faults.reply_delay_s > 0:
+            await asyncio.sleep(faults.reply_delay_s)
+        return True
+
+    async def _on_check(self, command: _Command) -> None:
+        if await self._answering(command):
+            await self.send_snapshot()
+
+    async def _on_popup_sn(self, command: _Command) -> None:
+        requested = command.fields.get("data", "")
         try:
             sn: str | None = _check_sn(requested)
         except ValueError:
             sn = None
         if sn is None:
-            result = EjectBySnResult(hole=0, sn=None, state=EjectState.PARSE_FAILED)
+            outcome = _EjectOutcome(hole=0, sn=None, state=EjectState.PARSE_FAILED, ejected=False)
         else:
-            hole, state = self._eject_sn(sn)
-            result = EjectBySnResult(hole=hole, sn=sn, state=state)
-        await self._reply(result)
+            outcome = self._eject_sn(sn, command)
+        if await self._answering(command, eject=True, ejected=outcome.ejected):
+            await self._reply(EjectBySnResult(hole=outcome.hole, sn=outcome.sn, state=outcome.state))
 
-    async def _on_popup(self, command: dict[str, str]) -> None:
+    async def _on_popup(self, command: _Command) -> None:
         try:
-            hole = int(command.get("data", ""))
+            hole: int | None = int(command.fields.get("data", ""))
         except ValueError:
-            await self._reply(EjectByHoleResult(board=0, hole=0, state=EjectState.PARSE_FAILED))
-            return
-        if hole not in self._holes:
+            hole = None
+        if hole is None:
+            frame, ejected = EjectByHoleResult(board=0, hole=0, state=EjectState.PARSE_FAILED), False
+        elif hole not in self._holes:
             echoed = hole if 0 <= hole <= 0xFF else 0
-            await self._reply(EjectByHoleResult(board=0, hole=echoed, state=EjectState.FAILED))
-            return
-        state = self._eject_hole(hole)
-        await self._reply(EjectByHoleResult(board=self.board_of(hole), hole=hole, state=state))
+            frame, ejected = EjectByHoleResult(board=0, hole=echoed, state=EjectState.FAILED), False
+        else:
+            state, ejected = self._eject_hole(hole, command)
+            frame = EjectByHoleResult(board=self.board_of(hole), hole=hole, state=state)
+        if await self._answering(command, eject=True, ejected=ejected):
+            await self._reply(frame)
 
-    async def _on_reboot(self, command: dict[str, str]) -> None:
+    async def _on_reboot(self, command: _Command) -> None:
         log.info("event=cabinet_rebooting station_sn=%s", self.sn)
         self._reboot_requested = True
 
-    def _eject_sn(self, sn: str) -> tuple[int, int]:
-        """Physically eject ``sn``: ``(hole, state)``."""
+    def _eject_sn(self, sn: str, command: _Command) -> _EjectOutcome:
+        """Physically eject ``sn`` (or, for a repeated command whose bank already came out, the next-best
+        bank, as the firmware does), as the faults allow."""
+        faults = self.faults
         hole = self._hole_of(sn)
+        if faults.eject_failure_code is not None:
+            return _EjectOutcome(hole=hole or 0, sn=sn, state=faults.eject_failure_code, ejected=False)
         if hole is None:
-            return 0, EjectState.SN_NOT_FOUND
-        self._remove(hole)
-        return hole, EjectState.SUCCESS
+            if not (command.duplicate and sn in self.eject_counts):
+                return _EjectOutcome(hole=0, sn=sn, state=EjectState.SN_NOT_FOUND, ejected=False)
+            best = self._next_best_hole()
+            if best is None:
+                return _EjectOutcome(hole=0, sn=sn, state=EjectState.NO_ELIGIBLE_POWER_BANK, ejected=False)
+            log.warning(
+                "event=cabinet_duplicate_eject station_sn=%s requested_sn=%s hole=%d", self.sn, sn, best
+            )
+            return _EjectOutcome(
+                hole=best, sn=self._remove(best, command), state=EjectState.SUCCESS, ejected=True
+            )
+        if hole in faults.stuck_holes:
+            return _EjectOutcome(hole=hole, sn=sn, state=EjectState.NOT_POPPED_SN_READABLE, ejected=False)
+        self._remove(hole, command)
+        return _EjectOutcome(hole=hole, sn=sn, state=EjectState.SUCCESS, ejected=True)
 
-    def _eject_hole(self, hole: int) -> int:
-        """Physically eject whatever is in ``hole``: the state code."""
+    def _eject_hole(self, hole: int, command: _Command) -> tuple[int, bool]:
+        """Physically eject whatever is in ``hole``, as the faults allow: ``(state, ejected)``."""
+        faults = self.faults
+        if faults.eject_failure_code is not None:
+            return faults.eject_failure_code, False
         if self._holes[hole] is None:
-            return EjectState.FAILED
-        self._remove(hole)
-        return EjectState.SUCCESS
+            return EjectState.FAILED, False
+        if hole in faults.stuck_holes:
+            return EjectState.NOT_POPPED_SN_READABLE, False
+        self._remove(hole, command)
+        return EjectState.SUCCESS, True
 
-    def _remove(self, hole: int) -> None:
+    def _next_best_hole(self) -> int | None:
+        """Where the firmware would rent from: the fullest bank neither stuck nor hot (lowest hole wins)."""
+        faults = self.faults
+        candidates = [
+            (bank.soc, -hole)
+            for hole, bank in self._holes.items()
+            if bank is not None and hole not in faults.stuck_holes and hole not in faults.hot_holes
+        ]
+        return -max(candidates)[1] if candidates else None
+
+    def _remove(self, hole: int, command: _Command) -> str:
         bank = self._holes[hole]
-        if bank is not None:
-            self._holes[hole] = None
-            self.eject_counts[bank.sn] += 1
-            log.info("event=cabinet_ejected station_sn=%s hole=%d powerbank_sn=%s", self.sn, hole, bank.sn)
+        assert bank is not None
+        self._holes[hole] = None
+        self.eject_counts[bank.sn] += 1
+        self.ejects_per_command[command.key] += 1
+        self.physical_ejects.append((command.key, bank.sn))
+        log.info("event=cabinet_ejected station_sn=%s hole=%d powerbank_sn=%s", self.sn, hole, bank.sn)
+        return bank.sn
 
     # -------------------------------------------------------------------------------- publish
 
     async def _publish_frame(self, kind: str, frame: Frame) -> None:
-        await self.publish_raw(kind, rentbox.encode(frame))
+        payload = rentbox.encode(frame)
+        if self.faults.bad_checksum:
+            payload = payload[:-1] + bytes([(payload[-1] + 1) & 0xFF])
+        await self.publish_raw(kind, payload)
 
     async def _reply(self, frame: Frame) -> None:
         """Command replies and events go on ``/user/update``."""
@@ -580,9 +816,10 @@ class SimulatedCabinet:
         await self._reply(self.snapshot())
 
     async def return_powerbank(self, sn: str, *, hole: int | None = None, soc: int = 80) -> int:
-        """Put power bank ``sn`` into ``hole`` (default: the first empty one) and publish a 0x40 return
-        (state 1) on ``/user/update``. Returns the hole. Raises :class:`CabinetNotConnected` when offline
-        (nothing is changed then), :class:`CabinetFull` when no hole is free."""
+        """Put power bank ``sn`` into ``hole`` (default: the first empty hole not stuck) and publish a 0x40
+        return (state 1) on ``/user/update`` (twice with ``duplicate_returns``; not at all while
+        ``silent``). Returns the hole. Raises :class:`CabinetNotConnected` when offline (nothing is changed
+        then), :class:`CabinetFull` when no hole is free."""
         _check_sn(sn)
         if not 0 <= soc <= 100:
             raise ValueError(f"soc must be 0..100, got {soc}")
@@ -592,7 +829,10 @@ class SimulatedCabinet:
         if already is not None:
             raise CabinetError(f"power bank {sn} is already in hole {already} of cabinet {self.sn}")
         if hole is None:
-            hole = next((h for h, bank in sorted(self._holes.items()) if bank is None), None)
+            stuck = self.faults.stuck_holes
+            hole = next(
+                (h for h, bank in sorted(self._holes.items()) if bank is None and h not in stuck), None
+            )
             if hole is None:
                 raise CabinetFull(f"cabinet {self.sn} has no empty hole")
         elif hole not in self._holes:
@@ -600,7 +840,10 @@ class SimulatedCabinet:
         elif self._holes[hole] is not None:
             raise CabinetError(f"hole {hole} of cabinet {self.sn} is not empty")
         self._holes[hole] = self._new_bank(sn, soc=soc)
-        await self._reply(_return_event(board=self.board_of(hole), hole=hole, sn=sn, soc=soc))
+        event = _return_event(board=self.board_of(hole), hole=hole, sn=sn, soc=soc)
+        await self._reply(event)
+        if self.faults.duplicate_returns:
+            await self._reply(event)
         return hole
 
     async def publish_raw(self, kind: str, payload: bytes) -> None:
@@ -608,10 +851,14 @@ class SimulatedCabinet:
         await self.publish_to(rentbox.up_topic(self.credentials.product_key, self.sn, kind), payload)
 
     async def publish_to(self, topic: str, payload: bytes) -> None:
-        """Publish arbitrary bytes on any topic (QoS 0), e.g. to test the broker's ACL."""
+        """Publish arbitrary bytes on any topic (QoS 0), e.g. to test the broker's ACL. Nothing is sent
+        while the cabinet is ``silent``."""
         client = self._client
         if client is None or not self.connected:
             raise CabinetNotConnected(f"cabinet {self.sn} is not connected")
+        if self.faults.silent:
+            log.debug("event=cabinet_publish_withheld station_sn=%s topic=%s reason=silent", self.sn, topic)
+            return
         await client.publish(topic, payload, qos=QOS_0, retain=False)
 
 

@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Final, NoReturn
+from typing import Annotated, Final, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from simulators.cabinet import CabinetCredentials, CabinetError, SimulatedCabinet, send_return
+from simulators.faults import Faults, parse_byte, parse_holes
 from simulators.fleet import ProvisioningError, SimulatedFleet, load_credentials, provision, save_credentials
+from simulators.scenario import ScenarioStep, check_cabinets, load_scenario, run_scenario
 
 __all__ = ["simulate"]
+
+_T = TypeVar("_T")
 
 REFRESH_S: Final = 0.5
 TABLE_CHROME_LINES: Final = 9  # title, header, borders, caption: what the table needs besides its rows
@@ -27,6 +33,7 @@ TABLE_CHROME_LINES: Final = 9  # title, header, borders, caption: what the table
 CABINETS = "Cabinets"
 PROVISIONING = "Provisioning (create new cabinets on the server)"
 RETURNING = "Return a power bank (connect, send one 0x40, exit)"
+FAULTS = "Faults (every cabinet; change them over time with --scenario)"
 
 
 def simulate(
@@ -110,11 +117,20 @@ def simulate(
             "--heartbeat", min=0.1, help="Seconds between 0x7A heartbeats.", rich_help_panel=CABINETS
         ),
     ] = 60.0,
+    upload: Annotated[
+        float,
+        typer.Option(
+            "--upload",
+            min=0.1,
+            help="Seconds between periodic 0x10 snapshots on /user/upload (firmware: 1200 = 20 min).",
+            rich_help_panel=CABINETS,
+        ),
+    ] = 1200.0,
     seed: Annotated[
         int | None,
         typer.Option(
             "--seed",
-            help="Random seed for the initial power banks (same seed, same banks).",
+            help="Random seed for the initial power banks and the random faults (same seed, same run).",
             rich_help_panel=CABINETS,
         ),
     ] = None,
@@ -127,6 +143,126 @@ def simulate(
             rich_help_panel=CABINETS,
         ),
     ] = 0.0,
+    lose_reply: Annotated[
+        float,
+        typer.Option(
+            "--lose-reply",
+            min=0.0,
+            max=1.0,
+            help="Probability (0-1) that an eject's 0x31/0x21 reply is lost AFTER the power bank came out.",
+            rich_help_panel=FAULTS,
+        ),
+    ] = 0.0,
+    reply_delay: Annotated[
+        float,
+        typer.Option(
+            "--reply-delay",
+            min=0.0,
+            help="Seconds to wait before every reply to a command (0x31, 0x21, and the 0x10 of a check).",
+            rich_help_panel=FAULTS,
+        ),
+    ] = 0.0,
+    fail_ejects: Annotated[
+        str | None,
+        typer.Option(
+            "--fail-ejects",
+            metavar="CODE",
+            help="Answer every popup_sn/popup with this state and eject nothing: 0x00 failed, 0x11 serial "
+            "timeout, 0x12 did not pop out, 0xFE previous rental unfinished (any 0x00-0xFF).",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
+    stuck_holes: Annotated[
+        str | None,
+        typer.Option(
+            "--stuck-holes",
+            metavar="HOLES",
+            help="Comma-separated holes (e.g. 1,3) that report a fault state in snapshots and never eject "
+            "(popup answers 0x12).",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
+    stuck_state: Annotated[
+        str,
+        typer.Option(
+            "--stuck-state",
+            metavar="STATE",
+            help="Hole state the --stuck-holes report: 0x02 charging fault, 0x03 communication fault, "
+            "0x04 stuck/damaged, ... 0x0A.",
+            rich_help_panel=FAULTS,
+        ),
+    ] = "0x04",
+    hot_holes: Annotated[
+        str | None,
+        typer.Option(
+            "--hot-holes",
+            metavar="HOLES",
+            help="Comma-separated holes whose power banks report 65 °C (over the 60 °C rental limit).",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
+    bad_checksum: Annotated[
+        bool,
+        typer.Option(
+            "--bad-checksum",
+            help="Send every frame with a wrong checksum (length and structure stay valid).",
+            rich_help_panel=FAULTS,
+        ),
+    ] = False,
+    duplicate_returns: Annotated[
+        bool,
+        typer.Option("--duplicate-returns", help="Send every 0x40 return twice.", rich_help_panel=FAULTS),
+    ] = False,
+    disconnect_mid_eject: Annotated[
+        float | None,
+        typer.Option(
+            "--disconnect-mid-eject",
+            metavar="SECONDS",
+            min=0.0,
+            help="On every popup_sn/popup: eject, then drop the TCP connection without replying, and "
+            "reconnect after SECONDS.",
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
+    silent: Annotated[
+        bool,
+        typer.Option(
+            "--silent",
+            help="Connect, then send nothing at all (no heartbeats, replies or MQTT pings) while the TCP "
+            "connection stays open; commands are lost. End it with a --scenario step setting "
+            "silent to false.",
+            rich_help_panel=FAULTS,
+        ),
+    ] = False,
+    disconnect_probability: Annotated[
+        float,
+        typer.Option(
+            "--disconnect-probability",
+            min=0.0,
+            max=1.0,
+            help="Per command received, probability (0-1) to drop the connection (before executing it, or "
+            "after, before the reply) and reconnect after about 1 s. For soak tests.",
+            rich_help_panel=FAULTS,
+        ),
+    ] = 0.0,
+    scenario: Annotated[
+        Path | None,
+        typer.Option(
+            "--scenario",
+            metavar="FILE",
+            help='Timeline of fault changes, JSON or YAML: [{"at": 0, "cabinet": "*", "faults": '
+            '{"lose_eject_reply": 1.0}}, {"at": 30, "cabinet": "SIM...", "faults": {}}]. "at" is seconds '
+            'after the cabinets connected, "cabinet" an SN or "*"; each step sets that cabinet\'s faults '
+            "to the flags above plus the step's fields (Faults field names: lose_eject_reply, "
+            "reply_delay_s, eject_failure_code, stuck_holes, stuck_state, hot_holes, bad_checksum, "
+            "duplicate_returns, disconnect_mid_eject, silent, disconnect_probability), so {} goes back to "
+            "the flags.",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            rich_help_panel=FAULTS,
+        ),
+    ] = None,
     return_sn: Annotated[
         str | None,
         typer.Option("--return-sn", help="SN of the power bank to return.", rich_help_panel=RETURNING),
@@ -152,11 +288,16 @@ def simulate(
 ) -> None:
     """Run simulated power-bank cabinets that speak the rentbox protocol byte for byte over MQTT.
 
-    They answer check / popup_sn / popup like real cabinets and send heartbeats. Examples:
+    They answer check / popup_sn / popup like real cabinets and send heartbeats; the fault options make
+    them misbehave like real ones. Examples:
 
       powerbank simulate --api http://127.0.0.1:8010 --token $TOKEN --count 5 --save-credentials sims.json
 
       powerbank simulate --credentials sims.json --duration 600
+
+      powerbank simulate --credentials sims.json --lose-reply 0.1 --disconnect-probability 0.05
+
+      powerbank simulate --credentials sims.json --scenario faults.yaml
 
       powerbank simulate --credentials sims.json --return-sn 85019121 --return-to SIM000000000042
     """
@@ -189,6 +330,31 @@ def simulate(
         )
     if boards * holes > 80:
         raise _usage("A cabinet has at most 80 holes (--boards x --holes).", "--boards / --holes")
+    faults = _faults_from_options(
+        lose_reply=lose_reply,
+        reply_delay=reply_delay,
+        fail_ejects=fail_ejects,
+        stuck_holes=stuck_holes,
+        stuck_state=stuck_state,
+        hot_holes=hot_holes,
+        bad_checksum=bad_checksum,
+        duplicate_returns=duplicate_returns,
+        disconnect_mid_eject=disconnect_mid_eject,
+        silent=silent,
+        disconnect_probability=disconnect_probability,
+    )
+    beyond = sorted(hole for hole in faults.stuck_holes | faults.hot_holes if hole > boards * holes)
+    if beyond:
+        raise _usage(
+            f"Hole(s) {', '.join(map(str, beyond))} do not exist with --boards {boards} --holes {holes}.",
+            "--stuck-holes / --hot-holes",
+        )
+    steps: list[ScenarioStep] = []
+    if scenario is not None:
+        try:
+            steps = load_scenario(scenario)
+        except ValueError as exc:
+            raise _usage(str(exc), "--scenario") from exc
 
     creds: list[CabinetCredentials] = []
     if credentials is not None:
@@ -223,14 +389,52 @@ def simulate(
                 holes=holes,
                 fill=fill,
                 heartbeat=heartbeat,
+                upload=upload,
                 seed=seed,
                 duration=duration,
+                faults=faults,
+                steps=steps,
             )
         )
     except KeyboardInterrupt:
         pass  # the cabinets were stopped on the way out
     except (CabinetError, ProvisioningError, ValueError, OSError) as exc:
         _fail(console, str(exc))
+
+
+def _faults_from_options(
+    *,
+    lose_reply: float,
+    reply_delay: float,
+    fail_ejects: str | None,
+    stuck_holes: str | None,
+    stuck_state: str,
+    hot_holes: str | None,
+    bad_checksum: bool,
+    duplicate_returns: bool,
+    disconnect_mid_eject: float | None,
+    silent: bool,
+    disconnect_probability: float,
+) -> Faults:
+    def parse(option: str, parser: Callable[[str, str], _T], value: str) -> _T:
+        try:
+            return parser(value, option)
+        except ValueError as exc:
+            raise _usage(str(exc), option) from exc
+
+    return Faults(
+        lose_eject_reply=lose_reply,
+        reply_delay_s=reply_delay,
+        eject_failure_code=None if fail_ejects is None else parse("--fail-ejects", parse_byte, fail_ejects),
+        stuck_holes=parse("--stuck-holes", parse_holes, stuck_holes or ""),
+        stuck_state=parse("--stuck-state", parse_byte, stuck_state),
+        hot_holes=parse("--hot-holes", parse_holes, hot_holes or ""),
+        bad_checksum=bad_checksum,
+        duplicate_returns=duplicate_returns,
+        disconnect_mid_eject=disconnect_mid_eject,
+        silent=silent,
+        disconnect_probability=disconnect_probability,
+    )
 
 
 def _usage(message: str, options: str) -> typer.BadParameter:
@@ -266,8 +470,11 @@ async def _run(
     holes: int,
     fill: float,
     heartbeat: float,
+    upload: float,
     seed: int | None,
     duration: float,
+    faults: Faults,
+    steps: list[ScenarioStep],
 ) -> None:
     if api is not None and token is not None:
         with console.status(f"Provisioning {count} cabinet(s) at {api}..."):
@@ -286,8 +493,16 @@ async def _run(
             "[yellow]Credentials not saved[/]: pass --save-credentials FILE to run these cabinets again."
         )
 
+    check_cabinets(steps, [c.sn for c in creds])
     fleet = SimulatedFleet(
-        creds, boards=boards, holes_per_board=holes, fill=fill, seed=seed, heartbeat_s=heartbeat
+        creds,
+        boards=boards,
+        holes_per_board=holes,
+        fill=fill,
+        seed=seed,
+        heartbeat_s=heartbeat,
+        upload_s=upload,
+        faults=faults,
     )
     try:
         failures = await fleet.start(console=console)
@@ -297,7 +512,14 @@ async def _run(
             _fail(
                 console, "No cabinet could connect: is the broker running, and are these credentials current?"
             )
-        await _watch(console, fleet, duration=duration)
+        timeline = asyncio.create_task(
+            run_scenario(steps, fleet.cabinets, base=faults, on_step=_announce(console)), name="scenario"
+        )
+        try:
+            await _watch(console, fleet, duration=duration)
+        finally:
+            timeline.cancel()
+            await asyncio.gather(timeline, return_exceptions=True)
     finally:
         await fleet.stop()
         ejects = sum(sum(cabinet.eject_counts.values()) for cabinet in fleet)
@@ -321,6 +543,17 @@ async def _watch(console: Console, fleet: SimulatedFleet, *, duration: float) ->
             live.update(_table(fleet, console, until))
 
 
+def _announce(console: Console) -> Callable[[ScenarioStep, list[SimulatedCabinet]], None]:
+    def announce(step: ScenarioStep, cabinets: list[SimulatedCabinet]) -> None:
+        who = "every cabinet" if step.cabinet == "*" else f"cabinet {step.cabinet}"
+        faults = cabinets[0].faults.describe() if cabinets else ""
+        console.print(
+            f"[bold]t={step.at:g}s[/] scenario: {who} -> faults: {faults or 'none'}", highlight=False
+        )
+
+    return announce
+
+
 def _describe(command: dict[str, str] | None) -> str:
     if command is None:
         return "-"
@@ -341,6 +574,7 @@ def _table(fleet: SimulatedFleet, console: Console, until: str) -> Table:
     table.add_column("Ejects", justify="right")
     table.add_column("Commands", justify="right")
     table.add_column("Last command", no_wrap=True)
+    table.add_column("Faults")
     rows = max(console.height - TABLE_CHROME_LINES, 3)
     shown: list[SimulatedCabinet] = fleet.cabinets[:rows]
     for cabinet in shown:
@@ -351,7 +585,15 @@ def _table(fleet: SimulatedFleet, console: Console, until: str) -> Table:
             str(sum(cabinet.eject_counts.values())),
             str(len(cabinet.commands)),
             _describe(cabinet.last_command),
+            _faults_cell(cabinet),
         )
     if len(fleet) > len(shown):
-        table.add_row(f"... {len(fleet) - len(shown)} more", "", "", "", "", "")
+        table.add_row(f"... {len(fleet) - len(shown)} more", "", "", "", "", "", "")
     return table
+
+
+def _faults_cell(cabinet: SimulatedCabinet) -> str:
+    text = cabinet.faults.describe()
+    if not text:
+        return "[dim]-[/]"
+    return f"[bold red]{escape(text)}[/]" if cabinet.faults.silent else f"[yellow]{escape(text)}[/]"

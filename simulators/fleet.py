@@ -7,6 +7,7 @@ public HTTP API (``POST /api/admin/stations``), exactly as an operator would.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -19,7 +20,15 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from simulators.cabinet import CabinetCredentials, CabinetError, SimulatedCabinet, random_banks
+from simulators.cabinet import (
+    KEEPALIVE_S,
+    UPLOAD_INTERVAL_S,
+    CabinetCredentials,
+    CabinetError,
+    SimulatedCabinet,
+    random_banks,
+)
+from simulators.faults import Faults
 
 __all__ = [
     "ProvisioningError",
@@ -202,7 +211,10 @@ def load_credentials(path: str | os.PathLike[str]) -> list[CabinetCredentials]:
 
 
 class SimulatedFleet:
-    """Many :class:`SimulatedCabinet`, with power-bank SNs unique across the whole fleet."""
+    """Many :class:`SimulatedCabinet`, with power-bank SNs unique across the whole fleet.
+
+    Every cabinet gets its own copy of ``faults`` (switch one cabinet's with ``fleet[sn].faults = ...``).
+    """
 
     def __init__(
         self,
@@ -213,8 +225,12 @@ class SimulatedFleet:
         fill: float = 0.75,
         seed: int | None = None,
         heartbeat_s: float = 60.0,
+        faults: Faults | None = None,
+        upload_s: float = UPLOAD_INTERVAL_S,
+        keepalive_s: int = KEEPALIVE_S,
     ) -> None:
         rng = random.Random(seed)
+        faults = faults if faults is not None else Faults()
         taken: set[str] = set()
         self.cabinets: list[SimulatedCabinet] = []
         for creds in credentials:
@@ -227,6 +243,9 @@ class SimulatedFleet:
                     seed=rng.randrange(2**32),
                     heartbeat_s=heartbeat_s,
                     banks=banks,
+                    faults=dataclasses.replace(faults),
+                    upload_s=upload_s,
+                    keepalive_s=keepalive_s,
                 )
             )
         self._by_sn = {cabinet.sn: cabinet for cabinet in self.cabinets}

@@ -35,7 +35,7 @@ EJECT_SECONDS = Histogram(
     "powerbank_eject_seconds",
     "Eject command sent to outcome known",
     ["result"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 30, 60),
+    buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 30, 60),
 )
 EJECT_RESULTS = Counter("powerbank_eject_results", "Eject replies by protocol state byte", ["code"])
 FRAMES = Counter("powerbank_frames", "Frames decoded", ["cmd"])
