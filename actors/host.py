@@ -277,8 +277,8 @@ class KioskHost:
 
     async def _close_rental(
         self, session: Any, serial_number: str, slot_number: int, powerbank_sn: str, soc: int | None
-    ) -> None:
-        await rentals.complete_by_return(
+    ) -> rentals.Returned | None:
+        return await rentals.complete_by_return(
             session,
             powerbank_sn=powerbank_sn,
             station_sn=serial_number,
@@ -293,15 +293,16 @@ class KioskHost:
     ) -> None:
         async with self.db.transaction() as session:
             for bank in appeared:
-                await stations.record_event(
-                    session,
-                    station_sn=serial_number,
-                    kind="return_reconciled",
-                    payload={"slot_number": bank.slot_number, "powerbank_sn": bank.powerbank_sn},
-                )
-                await self._close_rental(
+                closed = await self._close_rental(
                     session, serial_number, bank.slot_number, bank.powerbank_sn, bank.soc
                 )
+                if closed is not None:  # its 0x40 never reached us
+                    await stations.record_event(
+                        session,
+                        station_sn=serial_number,
+                        kind="return_reconciled",
+                        payload={"slot_number": bank.slot_number, "powerbank_sn": bank.powerbank_sn},
+                    )
             await rentals.resolve_pending(
                 session, station_sn=serial_number, present=present, exclude=in_flight
             )

@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import rentbox
 from actors.messages import (
@@ -182,7 +183,6 @@ class Kiosk:
         self.online = False
         self.ready = False
         self.last_seen = 0.0
-        self._previous: set[str] = set()
         self._needs_reconcile = True
         self._mailbox: asyncio.Queue[KioskMessage] = asyncio.Queue()
         self._eject_lock = asyncio.Lock()
@@ -232,7 +232,6 @@ class Kiosk:
 
     async def _connected(self) -> None:
         self.online, self.ready, self.last_seen = True, False, time.monotonic()
-        self._previous = {s.powerbank_sn for s in self.slots.values() if s.powerbank_sn}
         self._needs_reconcile = True
         log.info("event=cabinet_connected station_sn=%s", self.serial_number)
         await self.ports.status_changed(self.status())
@@ -278,7 +277,11 @@ class Kiosk:
             case _:
                 pass  # heartbeats only keep the cabinet alive; 0x21/0x28 need no action here
 
+    def _banks(self) -> set[str]:
+        return {s.powerbank_sn for s in self.slots.values() if s.powerbank_sn}
+
     async def _on_snapshot(self, snapshot: rentbox.Snapshot) -> None:
+        before = self._banks()
         for hole in snapshot.holes:
             slot = self.slots.get(hole.hole)
             if slot is None:
@@ -291,21 +294,22 @@ class Kiosk:
                 waiter.set_result(None)
         self._snapshot_waiters.clear()
         await self.ports.snapshot_received(self.serial_number, self.slot_views())
-        if self._needs_reconcile and self.ready:
+        present = self._banks()
+        if self.ready and (self._needs_reconcile or present != before):
             self._needs_reconcile = False
-            await self._reconcile()
+            await self._reconcile(before, present)
         await self.ports.status_changed(self.status())
 
-    async def _reconcile(self) -> None:
-        """After (re)connecting: banks that appeared were returned while we did not hear; banks that vanished
-        may be ejects whose reply was lost (their PENDING_POPUP rentals are resolved by the host)."""
-        present = {s.powerbank_sn for s in self.slots.values() if s.powerbank_sn}
+    async def _reconcile(self, before: set[str], present: set[str]) -> None:
+        """The holes differ from what we knew (always checked after a (re)connect): banks that appeared were
+        returned without a 0x40 reaching us; banks that vanished may be ejects whose reply was lost (their
+        PENDING_POPUP rentals are resolved by the host)."""
         appeared = [
             Returned(slot_number=s.number, powerbank_sn=s.powerbank_sn, soc=s.soc)
             for s in self.slots.values()
-            if s.powerbank_sn and s.powerbank_sn not in self._previous
+            if s.powerbank_sn and s.powerbank_sn not in before
         ]
-        vanished = self._previous - present
+        vanished = before - present
         if appeared or vanished:
             log.info(
                 "event=reconcile station_sn=%s appeared=%s vanished=%s",
@@ -436,7 +440,7 @@ class Kiosk:
             slot.reserved = False
             return RequestWithdrawn(request_id=request_id)
         for send in (1, 2):  # the command, and at most one retry after a check showed the bank still there
-            result = await self._send_and_wait(request_id, powerbank_sn)
+            result, snapshot_seen = await self._send_and_wait(request_id, powerbank_sn)
             if result is not None:
                 metrics.EJECT_RESULTS.labels(code=f"0x{result.state:02X}").inc()
                 if result.success:
@@ -446,7 +450,7 @@ class Kiosk:
                     )
                 slot.reserved = False
                 return EjectRefused(request_id=request_id, code=result.state, slot_number=slot.number)
-            if not await self._fresh_snapshot():
+            if not snapshot_seen:
                 slot.reserved = False
                 return EjectUnconfirmed(request_id=request_id, powerbank_sn=powerbank_sn)
             if slot.powerbank_sn != powerbank_sn:
@@ -467,28 +471,28 @@ class Kiosk:
         slot.reserved = False
         return KioskTimedOut(request_id=request_id)
 
-    async def _send_and_wait(self, request_id: str, powerbank_sn: str) -> rentbox.EjectBySnResult | None:
-        reply: asyncio.Future[rentbox.EjectBySnResult] = asyncio.get_running_loop().create_future()
+    async def _send_and_wait(
+        self, request_id: str, powerbank_sn: str
+    ) -> tuple[rentbox.EjectBySnResult | None, bool]:
+        """Send the eject once and wait for its 0x31; if none comes in time, ask for a snapshot and wait for
+        whichever comes first, the snapshot or the late 0x31. Returns (the 0x31 or None, snapshot seen)."""
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[rentbox.EjectBySnResult] = loop.create_future()
         self._pending = _PendingEject(request_id=request_id, powerbank_sn=powerbank_sn, reply=reply)
         metrics.COMMANDS_IN_FLIGHT.inc()
         try:
             await self.ports.publish(
                 self.serial_number, rentbox.popup_sn(powerbank_sn, timestamp=int(time.time()))
             )
-            return await asyncio.wait_for(reply, self.config.eject_timeout_s)
-        except TimeoutError:
-            return None
+            await asyncio.wait({reply}, timeout=self.config.eject_timeout_s)
+            if reply.done():
+                return reply.result(), False
+            snapshot: asyncio.Future[None] = loop.create_future()
+            self._snapshot_waiters.append(snapshot)
+            await self.ports.publish(self.serial_number, rentbox.check())
+            either: set[asyncio.Future[Any]] = {reply, snapshot}
+            await asyncio.wait(either, timeout=self.config.eject_timeout_s, return_when=FIRST_COMPLETED)
+            return (reply.result() if reply.done() else None), snapshot.done()
         finally:
             self._pending = None
             metrics.COMMANDS_IN_FLIGHT.dec()
-
-    async def _fresh_snapshot(self) -> bool:
-        """Ask for a snapshot and wait for one; False if none came in time."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._snapshot_waiters.append(waiter)
-        await self.ports.publish(self.serial_number, rentbox.check())
-        try:
-            await asyncio.wait_for(waiter, self.config.eject_timeout_s)
-            return True
-        except TimeoutError:
-            return False

@@ -14,4 +14,5 @@ def configure(level: str = "INFO") -> None:
     if not root.handlers:
         logging.basicConfig(level=level, format=FORMAT, stream=sys.stderr)
     root.setLevel(level)
-    logging.getLogger("amqtt").setLevel(max(logging.WARNING, root.level))
+    for noisy in ("amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -78,7 +78,7 @@ def settings(tmp_root: Path, database_url: str, redis_url: str) -> Any:
         mqtt_port=free_port(),
         sms_backend=f"file:{tmp_root / 'sms.jsonl'}",
         data_dir=tmp_root / "var",
-        eject_timeout_s=3.0,
+        eject_timeout_s=2.0,
         supervise_interval_s=0.5,
         pending_popup_resolve_s=20.0,
     )

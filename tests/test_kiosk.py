@@ -308,3 +308,26 @@ async def test_a_request_settled_elsewhere_is_not_sent() -> None:
     kiosk = await ready_kiosk(cabinet)
     assert await kiosk.eject(request_id="withdrawn") == RequestWithdrawn(request_id="withdrawn")
     assert popups(cabinet) == [] and kiosk.slots[1].rentable(CONFIG)
+
+
+async def test_a_late_reply_during_the_check_is_taken_as_the_answer() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111")}, answer_check=False)
+    kiosk = Kiosk(
+        serial_number="K1",
+        boards=1,
+        holes_per_board=1,
+        config=CONFIG,
+        ports=cabinet,
+    )
+    cabinet.kiosk = kiosk
+    kiosk.online = kiosk.ready = True
+    kiosk.slots[1].put("11111111", 90)
+    cabinet.hold = asyncio.Event()
+    eject = asyncio.get_running_loop().create_task(kiosk.eject(request_id="r1"))
+    await asyncio.wait_for(cabinet.popup_seen.wait(), 2)
+    async with asyncio.timeout(2):
+        while not any(c["cmd"] == "check" for c in cabinet.commands):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # the reply timed out and a check went out: now the late 0x31 arrives
+    cabinet.hold.set()
+    assert await eject == Ejected(request_id="r1", powerbank_sn="11111111", slot_number=1, soc=90)
+    assert popups(cabinet) == ["11111111"]
