@@ -189,6 +189,10 @@ class Kiosk:
         self._waiting = 0
         self._pending: _PendingEject | None = None
         self._current: str | None = None  # the request holding the eject lock
+        self._current_sn: str | None = None  # ... and the bank it is ejecting
+        # Banks of unconfirmed ejects: reserved until a snapshot settles them.
+        self._unresolved: set[str] = set()
+        self._last_timestamp = 0
         self._snapshot_waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -229,6 +233,8 @@ class Kiosk:
             case Tick(now=now):
                 if self.online and now - self.last_seen > self.config.silence_timeout_s:
                     await self._offline("silent")
+                elif self.online and self._unresolved:
+                    await self.ports.publish(self.serial_number, rentbox.check())
 
     async def _connected(self) -> None:
         self.online, self.ready, self.last_seen = True, False, time.monotonic()
@@ -295,9 +301,15 @@ class Kiosk:
         self._snapshot_waiters.clear()
         await self.ports.snapshot_received(self.serial_number, self.slot_views())
         present = self._banks()
-        if self.ready and (self._needs_reconcile or present != before):
+        if self.ready and (self._needs_reconcile or present != before or self._unresolved):
             self._needs_reconcile = False
             await self._reconcile(before, present)
+            for (
+                slot
+            ) in self.slots.values():  # unconfirmed ejects are settled now: still-present banks are free
+                if slot.powerbank_sn in self._unresolved and slot.powerbank_sn != self._current_sn:
+                    slot.reserved = False
+            self._unresolved.clear()
         await self.ports.status_changed(self.status())
 
     async def _reconcile(self, before: set[str], present: set[str]) -> None:
@@ -406,7 +418,7 @@ class Kiosk:
             await self.ports.status_changed(self.status())
             return outcome
         finally:
-            self._current = None
+            self._current = self._current_sn = None
             self._eject_lock.release()
 
     async def _eject_best(self, request_id: str) -> EjectOutcome:
@@ -435,6 +447,7 @@ class Kiosk:
 
     async def _eject_slot(self, slot: Slot, powerbank_sn: str, request_id: str) -> EjectOutcome:
         slot.reserved = True
+        self._current_sn = powerbank_sn
         soc = slot.soc
         if not await self.ports.eject_dispatched(request_id, slot.number, powerbank_sn, soc):
             slot.reserved = False
@@ -451,7 +464,9 @@ class Kiosk:
                 slot.reserved = False
                 return EjectRefused(request_id=request_id, code=result.state, slot_number=slot.number)
             if not snapshot_seen:
-                slot.reserved = False
+                # Its fate is unknown: the bank stays reserved, so no other rental can take it, until a
+                # snapshot tells whether it came out (see _on_snapshot).
+                self._unresolved.add(powerbank_sn)
                 return EjectUnconfirmed(request_id=request_id, powerbank_sn=powerbank_sn)
             if slot.powerbank_sn != powerbank_sn:
                 return Ejected(
@@ -471,6 +486,12 @@ class Kiosk:
         slot.reserved = False
         return KioskTimedOut(request_id=request_id)
 
+    def _timestamp(self) -> int:
+        """Strictly increasing per cabinet, so no two eject commands are ever the same bytes: a repeated
+        payload can then only be a redelivery, which shows in the cabinet's log."""
+        self._last_timestamp = max(int(time.time()), self._last_timestamp + 1)
+        return self._last_timestamp
+
     async def _send_and_wait(
         self, request_id: str, powerbank_sn: str
     ) -> tuple[rentbox.EjectBySnResult | None, bool]:
@@ -482,7 +503,7 @@ class Kiosk:
         metrics.COMMANDS_IN_FLIGHT.inc()
         try:
             await self.ports.publish(
-                self.serial_number, rentbox.popup_sn(powerbank_sn, timestamp=int(time.time()))
+                self.serial_number, rentbox.popup_sn(powerbank_sn, timestamp=self._timestamp())
             )
             await asyncio.wait({reply}, timeout=self.config.eject_timeout_s)
             if reply.done():

@@ -140,7 +140,9 @@ async def resolve_pending(
     older_than: datetime | None = None,
 ) -> list[Rental]:
     """Settle PENDING_POPUP rentals of a station from what its holes now hold: the attempted bank gone →
-    it was ejected (ACTIVE); still there, or never sent → CANCELLED with nothing charged."""
+    it was ejected (ACTIVE); still there → CANCELLED with nothing charged. Rentals whose eject was never
+    sent are waiting in the cabinet's queue and are left alone, unless older than `older_than` (their
+    request died with its API process): those are cancelled."""
     stmt = (
         select(Rental)
         .join(Rental.station)
@@ -151,19 +153,30 @@ async def resolve_pending(
         stmt = stmt.where(Rental.created_at < older_than)
     settled = []
     for rental in (await session.execute(stmt)).unique().scalars():
-        if str(rental.id) == exclude:
+        if str(rental.id) == exclude or (rental.powerbank_sn is None and older_than is None):
             continue
-        if rental.powerbank_sn and rental.powerbank_sn not in present and rental.slot_number is not None:
-            await activate(
-                session,
-                rental_id=rental.id,
-                powerbank_sn=rental.powerbank_sn,
-                slot_number=rental.slot_number,
-                soc=rental.start_battery_level,
-                at=datetime.now(UTC),
+        sn, slot_number = rental.powerbank_sn, rental.slot_number
+        if sn is not None and slot_number is not None and sn not in present:
+            holder = await session.scalar(
+                select(Rental.id).where(
+                    Rental.powerbank_sn == sn, Rental.status.in_((RentalStatus.ACTIVE, RentalStatus.OVERDUE))
+                )
             )
-        else:
-            await cancel_pending(session, rental_id=rental.id, reason="unresolved_eject")
+            if holder is None:
+                await activate(
+                    session,
+                    rental_id=rental.id,
+                    powerbank_sn=sn,
+                    slot_number=slot_number,
+                    soc=rental.start_battery_level,
+                    at=datetime.now(UTC),
+                )
+                settled.append(rental)
+                continue
+            log.error(
+                "event=bank_claimed_twice powerbank_sn=%s rental_id=%s holder=%s", sn, rental.id, holder
+            )
+        await cancel_pending(session, rental_id=rental.id, reason="unresolved_eject")
         settled.append(rental)
     return settled
 

@@ -42,7 +42,8 @@ async def cabinet(
 
 def at_most_once(*cabinets: SimulatedCabinet) -> None:
     for cab in cabinets:
-        assert max(cab.ejects_per_command.values(), default=0) <= 1, cab.physical_ejects
+        doubles = {key: n for key, n in cab.ejects_per_command.items() if n > 1}
+        assert not doubles, (cab.sn, [eject for eject in cab.physical_ejects if eject[0] in doubles])
 
 
 def own_banks(count: int = 4) -> dict[int, str]:

@@ -331,3 +331,21 @@ async def test_a_late_reply_during_the_check_is_taken_as_the_answer() -> None:
     cabinet.hold.set()
     assert await eject == Ejected(request_id="r1", powerbank_sn="11111111", slot_number=1, soc=90)
     assert popups(cabinet) == ["11111111"]
+
+
+async def test_no_two_eject_commands_are_the_same_bytes() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111"), 2: None})
+    kiosk = await ready_kiosk(cabinet)
+    for n in range(3):  # the same bank out and back within one second
+        assert isinstance(await kiosk.eject(request_id=f"r{n}"), Ejected)
+        cabinet.holes[1] = Bank("11111111")
+        cabinet.send(
+            rentbox.encode(
+                rentbox.ReturnEvent(
+                    board=1, hole=1, area=0, sn="11111111", state=1, software_version=1, soc=90
+                )
+            )
+        )
+        await kiosk.drained()
+    sent = [json.dumps(c, sort_keys=True) for c in cabinet.commands if c["cmd"] == "popup_sn"]
+    assert len(sent) == 3 == len(set(sent))

@@ -67,6 +67,8 @@ async def start_rental(body: RentIn, user: CurrentUser, svc: ServicesDep) -> Env
         raise StationOffline(context={"station_sn": body.station_sn})
     if not live.ready:
         raise StationNotReady(context={"station_sn": body.station_sn})
+    if live.available_power_banks == 0:
+        raise NoPowerBankAvailable(context={"station_sn": body.station_sn})
     async with svc.db.transaction() as session:
         rental = await rentals.begin(
             session, user_id=user.id, station_sn=body.station_sn, package_id=body.package_id
