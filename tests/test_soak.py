@@ -109,9 +109,7 @@ async def test_soak(client: httpx.AsyncClient, api: Api, operator_token: str, sy
                 r = await client.get("/api/rentals/history?page_size=100", headers=Api.auth(user["access"]))
                 paid = sum(Decimal(x["amount_paid"]) for x in r.json()["data"]["results"])
                 assert account.balance == Decimal("5000") - paid
-        print(
-            f"soak: {len(history)} rentals ({len(completed)} completed), {returns} returns, answers {outcomes}"
-        )
+        print(f"soak: {len(history)} rentals ({len(completed)} done), {returns} returns, answers {outcomes}")
     finally:
         for cab in cabinets:
             await cab.stop()
