@@ -6,7 +6,6 @@ Every test checks the rule that matters most: no power bank comes out twice for 
 
 from __future__ import annotations
 
-import random
 from decimal import Decimal
 from typing import Any
 
@@ -15,39 +14,21 @@ import pytest
 from sqlalchemy import func, select
 
 from simulators import Faults
-from simulators.cabinet import SimulatedCabinet, random_banks
 from storage.models import DeviceEvent
 from tests.conftest import Api
-from tests.test_recovery import funded_user, rent, rental_status
-from tests.test_walking_skeleton import eventually, metric, provision, wait_ready
+from tests.support import (
+    at_most_once,
+    eventually,
+    funded_user,
+    metric,
+    rent,
+    rental_status,
+    some_banks,
+    wait_ready,
+)
+from tests.support import start_cabinet as cabinet
 
 pytestmark = pytest.mark.integration
-RNG, TAKEN = random.Random(), set[str]()
-
-
-async def cabinet(
-    client: httpx.AsyncClient,
-    token: str,
-    *,
-    faults: Faults | None = None,
-    banks: dict[int, str] | None = None,
-    **kw: Any,
-) -> SimulatedCabinet:
-    creds = await provision(client, token)
-    banks = banks if banks is not None else random_banks(RNG, hole_count=4, fill=0.75, taken=TAKEN)
-    cab = SimulatedCabinet(creds, boards=1, holes_per_board=4, banks=banks, faults=faults, **kw)
-    await cab.start()
-    return cab
-
-
-def at_most_once(*cabinets: SimulatedCabinet) -> None:
-    for cab in cabinets:
-        doubles = {key: n for key, n in cab.ejects_per_command.items() if n > 1}
-        assert not doubles, (cab.sn, [eject for eject in cab.physical_ejects if eject[0] in doubles])
-
-
-def own_banks(count: int = 4) -> dict[int, str]:
-    return random_banks(RNG, hole_count=count, fill=1.0, taken=TAKEN)
 
 
 @pytest.fixture
@@ -116,7 +97,7 @@ async def test_failed_ejects_cancel_with_nothing_charged(
 async def test_faulty_and_hot_holes_are_never_chosen(
     client: httpx.AsyncClient, operator_token: str, user: dict[str, Any], fault: str
 ) -> None:
-    banks = own_banks()
+    banks = some_banks(fill=1.0)
     bad = frozenset({1, 2, 3})
     faults = Faults(stuck_holes=bad) if fault == "stuck" else Faults(hot_holes=bad)
     cab = await cabinet(client, operator_token, faults=faults, banks=banks)

@@ -10,7 +10,7 @@ import pytest
 import rentbox
 from simulators.cabinet import CabinetCredentials, SimulatedCabinet
 from tests.conftest import Api
-from tests.test_walking_skeleton import eventually, provision
+from tests.support import eventually, provision
 
 pytestmark = pytest.mark.integration
 

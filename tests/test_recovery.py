@@ -15,35 +15,10 @@ from sqlalchemy import update
 from actors.placement import owner
 from domain import rentals, wallet
 from storage.models import EntryType, Rental
-from tests.conftest import Api, new_phone
-from tests.test_walking_skeleton import eventually, start_cabinets, wait_ready
+from tests.conftest import Api
+from tests.support import eventually, funded_user, rent, rental_status, start_cabinets, wait_ready
 
 pytestmark = pytest.mark.integration
-
-
-async def funded_user(
-    client: httpx.AsyncClient, api: Api, operator_token: str, amount: str = "500"
-) -> dict[str, Any]:
-    user = await api.login(new_phone())
-    r = await client.post(
-        f"/api/admin/users/{user['user']['id']}/wallet/credit",
-        json={"amount": amount, "reason": "test"},
-        headers=Api.auth(operator_token),
-    )
-    assert r.status_code == 201, r.text
-    return user
-
-
-async def rent(client: httpx.AsyncClient, token: str, station_sn: str) -> httpx.Response:
-    return await client.post(
-        "/api/rentals/start", json={"station_sn": station_sn, "package_id": 1}, headers=Api.auth(token)
-    )
-
-
-async def rental_status(client: httpx.AsyncClient, token: str, rental_id: str) -> str:
-    history = (await client.get("/api/rentals/history", headers=Api.auth(token))).json()["data"]["results"]
-    status: str = next(r["status"] for r in history if r["id"] == rental_id)
-    return status
 
 
 async def test_a_killed_kiosk_host_is_restarted_and_loses_nothing(

@@ -16,22 +16,22 @@ import pytest
 
 from domain import wallet
 from simulators import Faults
-from simulators.cabinet import CabinetError, SimulatedCabinet, random_banks
+from simulators.cabinet import CabinetError, SimulatedCabinet
 from tests.conftest import Api
-from tests.test_device_faults import RNG, TAKEN, at_most_once
-from tests.test_recovery import funded_user, rent
-from tests.test_walking_skeleton import eventually, provision, wait_ready
+from tests.support import (
+    active,
+    at_most_once,
+    eventually,
+    funded_user,
+    provision,
+    rent,
+    some_banks,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.integration
 OPERATIONS = 200
 FAULTS = Faults(lose_eject_reply=0.10, disconnect_probability=0.05)
-
-
-async def active(client: httpx.AsyncClient, token: str) -> dict[str, Any] | None:
-    data: dict[str, Any] | None = (await client.get("/api/rentals/active", headers=Api.auth(token))).json()[
-        "data"
-    ]
-    return data
 
 
 async def give_back(rental: dict[str, Any], cabinets: list[SimulatedCabinet], rng: random.Random) -> bool:
@@ -50,7 +50,7 @@ async def test_soak(client: httpx.AsyncClient, api: Api, operator_token: str, sy
     cabinets = []
     for seed in (1, 2):
         creds = await provision(client, operator_token, holes=8)
-        banks = random_banks(RNG, hole_count=8, fill=0.5, taken=TAKEN)
+        banks = some_banks(8, fill=0.5)
         cab = SimulatedCabinet(creds, boards=1, holes_per_board=8, banks=banks, faults=FAULTS, seed=seed)
         await cab.start()
         cabinets.append(cab)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import random
-import uuid
 from decimal import Decimal
 from typing import Any
 
@@ -12,58 +9,11 @@ import httpx
 import pytest
 
 import rentbox
-from simulators.cabinet import CabinetCredentials, CabinetRefused, SimulatedCabinet, random_banks
+from simulators.cabinet import CabinetCredentials, CabinetRefused, SimulatedCabinet
 from tests.conftest import Api, new_phone
+from tests.support import eventually, metric, provision, start_cabinets, wait_ready
 
 pytestmark = pytest.mark.integration
-RNG, TAKEN = random.Random(), set[str]()  # power-bank SNs unique across every cabinet of the session
-
-
-async def eventually(check: Any, *, within: float = 5.0, interval: float = 0.05) -> Any:
-    """Poll an async predicate until it returns something truthy (bounded; fails with the last value)."""
-    last = None
-    async with asyncio.timeout(within):
-        while True:
-            last = await check()
-            if last:
-                return last
-            await asyncio.sleep(interval)
-
-
-async def provision(client: httpx.AsyncClient, token: str, *, holes: int = 4) -> CabinetCredentials:
-    sn = f"T{uuid.uuid4().hex[:12].upper()}"
-    body = {
-        "serial_number": sn,
-        "name": sn,
-        "latitude": 27.7,
-        "longitude": 85.3,
-        "boards": 1,
-        "holes_per_board": holes,
-    }
-    r = await client.post("/api/admin/stations", json=body, headers=Api.auth(token))
-    assert r.status_code == 201, r.text
-    mqtt = r.json()["data"]["mqtt"]
-    return CabinetCredentials(
-        sn=sn,
-        host=mqtt["host"],
-        port=mqtt["port"],
-        username=mqtt["username"],
-        password=mqtt["password"],
-        product_key=mqtt["product_key"],
-    )
-
-
-async def start_cabinets(client: httpx.AsyncClient, token: str, count: int) -> list[SimulatedCabinet]:
-    creds = [await provision(client, token) for _ in range(count)]
-    cabinets = [
-        SimulatedCabinet(
-            c, boards=1, holes_per_board=4, banks=random_banks(RNG, hole_count=4, fill=0.75, taken=TAKEN)
-        )
-        for c in creds
-    ]
-    for cabinet in cabinets:
-        await cabinet.start()
-    return cabinets
 
 
 async def return_events(system: Any, station_sn: str, powerbank_sn: str, count: int) -> bool:
@@ -78,16 +28,6 @@ async def return_events(system: Any, station_sn: str, powerbank_sn: str, count: 
             .where(DeviceEvent.station_sn == station_sn, DeviceEvent.kind == "return")
         )
     return n == count
-
-
-async def wait_ready(client: httpx.AsyncClient, token: str, sn: str) -> dict[str, Any]:
-    async def ready() -> dict[str, Any] | None:
-        r = await client.get(f"/api/stations/{sn}", headers=Api.auth(token))
-        data: dict[str, Any] = r.json()["data"]
-        return data if data["status"] == "ONLINE" and any(s["rentable"] for s in data["slots"]) else None
-
-    result: dict[str, Any] = await eventually(ready)
-    return result
 
 
 async def test_rent_at_a_return_at_b(
@@ -174,18 +114,6 @@ async def test_rent_at_a_return_at_b(
     finally:
         for cabinet in (station_a, station_b):
             await cabinet.stop()
-
-
-async def metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:
-    """A sample's value from the fleet-wide /metrics scrape (0 when absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = (await client.get("/metrics")).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 async def test_offline_station_refuses_and_charges_nothing(
