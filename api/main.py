@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from api.deps import Services
 from api.envelope import install_error_handlers
-from api.routers import admin, auth, firmware, payments, rentals, stations
+import api.routers
 from domain import rentals as rental_rules
 from telemetry import metrics
+
+
+def routers() -> list[APIRouter]:
+    """Every `router` of the modules in `api/routers/`, in name order: one module per domain."""
+    names = sorted(m.name for m in pkgutil.iter_modules(api.routers.__path__))
+    return [importlib.import_module(f"api.routers.{name}").router for name in names]
 
 
 def create_app(
@@ -27,8 +35,8 @@ def create_app(
     )
     app.state.services = services
     install_error_handlers(app)
-    for module in (auth, stations, rentals, payments, admin, firmware):
-        app.include_router(module.router)
+    for router in routers():
+        app.include_router(router)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     late_fee_per_hour: Decimal = Decimal("50.00")
     currency: str = "NPR"
 
+    # --- payments (gateways, top-ups) ---
+
+    # --- idempotency ---
+
+    # --- stations around a rental ---
+
     @property
     def public_mqtt_host(self) -> str:
         return self.mqtt_public_host or self.mqtt_host
