@@ -11,9 +11,9 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+import api.routers
 from api.deps import Services
 from api.envelope import install_error_handlers
-import api.routers
 from domain import rentals as rental_rules
 from telemetry import metrics
 
