@@ -55,9 +55,17 @@ async def database_url() -> AsyncIterator[str]:
 async def redis_url() -> AsyncIterator[str]:
     from redis.asyncio import Redis
 
-    url = f"{TEST_REDIS}/{os.getpid() % 14 + 1}"
-    client = Redis.from_url(url)
-    await client.flushdb()
+    # Claim a database index no other test session on this machine holds (sessions may run side by side).
+    for index in range(1, 16):
+        url = f"{TEST_REDIS}/{index}"
+        client = Redis.from_url(url)
+        if await client.set("pbtest:owner", str(os.getpid()), nx=True, ex=3600):
+            break
+        await client.aclose()
+    else:
+        pytest.fail("every Redis database 1-15 is held by another test session (key pbtest:owner)")
+    for key in await client.keys("station:*"):
+        await client.delete(key)
     yield url
     await client.flushdb()
     await client.aclose()
