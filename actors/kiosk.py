@@ -456,6 +456,16 @@ class Kiosk:
             result, snapshot_seen = await self._send_and_wait(request_id, powerbank_sn)
             if result is not None:
                 metrics.EJECT_RESULTS.labels(code=f"0x{result.state:02X}").inc()
+                if send == 2 and result.state == rentbox.EjectState.SN_NOT_FOUND:
+                    # The retry finds no such bank: the first command did eject it after all.
+                    slot.empty()
+                    return Ejected(
+                        request_id=request_id,
+                        powerbank_sn=powerbank_sn,
+                        slot_number=slot.number,
+                        soc=soc,
+                        reply_lost=True,
+                    )
                 if result.success:
                     slot.empty()
                     return Ejected(

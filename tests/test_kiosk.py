@@ -349,3 +349,23 @@ async def test_no_two_eject_commands_are_the_same_bytes() -> None:
         await kiosk.drained()
     sent = [json.dumps(c, sort_keys=True) for c in cabinet.commands if c["cmd"] == "popup_sn"]
     assert len(sent) == 3 == len(set(sent))
+
+
+async def test_a_retry_answered_sn_not_found_means_the_first_command_ejected() -> None:
+    """The first command arrived late: the check still saw the bank, then it came out; the retry finds no
+    such bank (0xFC). That is the first eject, not a failure to move past to another bank."""
+    cabinet = ScriptedCabinet({1: Bank("11111111"), 2: Bank("22222222", soc=50)}, eject=False, reply=False)
+    kiosk = await ready_kiosk(cabinet)
+    answer = cabinet.publish
+
+    async def late_first_command(serial_number: str, payload: bytes) -> None:
+        if rentbox.parse_command(payload)["cmd"] == "popup_sn" and popups(cabinet):  # the retry
+            cabinet.holes[1], cabinet.reply = None, True
+        await answer(serial_number, payload)
+
+    cabinet.publish = late_first_command  # type: ignore[method-assign]
+    outcome = await kiosk.eject(request_id="r1")
+    assert outcome == Ejected(
+        request_id="r1", powerbank_sn="11111111", slot_number=1, soc=90, reply_lost=True
+    )
+    assert popups(cabinet) == ["11111111", "11111111"]  # never the second bank
