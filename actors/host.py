@@ -308,6 +308,7 @@ class KioskHost:
             )
 
     async def status_changed(self, status: KioskStatus) -> None:
+        """Write the station's live summary, then its place in the geo index of rentable stations."""
         await self.redis.hset(
             live_key(status.serial_number),
             mapping={
@@ -317,6 +318,9 @@ class KioskHost:
                 "available_power_banks": status.available_power_banks,
                 "empty_slots": status.empty_slots,
             },
+        )
+        await stations.refresh_geo_availability(
+            self.redis, status.serial_number, live=live_key(status.serial_number)
         )
 
 

@@ -11,7 +11,7 @@ import ray
 from actors.fleet import Fleet
 from broker.service import MqttBroker
 from config import Settings
-from telemetry import metrics
+from telemetry import logs, metrics
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class FleetRouter:
 
 class BrokerService:
     def __init__(self, settings: Settings) -> None:
+        logs.configure(settings.log_level)
         self.fleet = Fleet(settings)
         self.broker = MqttBroker(
             host=settings.mqtt_host,
@@ -48,6 +49,8 @@ class BrokerService:
             product_key=settings.mqtt_product_key,
             router=FleetRouter(self.fleet),
             max_payload_bytes=settings.mqtt_max_payload_bytes,
+            max_connections_per_ip=settings.mqtt_max_connections_per_ip,
+            connect_timeout_s=settings.mqtt_connect_timeout_s,
         )
         self._started = False
 

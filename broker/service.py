@@ -1,18 +1,21 @@
-"""The embedded MQTT broker (amqtt): listener on MQTT_HOST:MQTT_PORT with the cabinet gate plugin."""
+"""The embedded MQTT broker: amqtt (hardened, see `broker.hardened`) on MQTT_HOST:MQTT_PORT with the gate."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
 from typing import Any
 
-from amqtt.broker import Broker
-
 import rentbox
-from broker.gate import CabinetRouter
+from broker.gate import CABINET, CabinetRouter, role
+from broker.hardened import HardenedBroker, upstream_drift
 
 log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 10.0
+"""Bound on broker shutdown, so that a stuck client connection cannot hang the process's exit."""
 
 
 class PortInUse(RuntimeError):
@@ -33,29 +36,71 @@ def ensure_port_free(host: str, port: int, setting: str) -> None:
 
 
 class MqttBroker:
+    """The broker the cabinets dial.
+
+    `max_payload_bytes`: a PUBLISH payload above it is dropped (and counted); one that would need a
+    single read above max(it, 64 KiB) closes the connection. `max_connections_per_ip`: connections from one
+    address beyond it are closed at once. `allow_anonymous`: admit every client that does not log in as a
+    cabinet as a guest, confined to topics outside `/{product_key}/` (development and interoperability
+    testing only). `connect_timeout_s`: a connection that sends no CONNECT within it is closed.
+    """
+
     def __init__(
-        self, *, host: str, port: int, product_key: str, router: CabinetRouter, max_payload_bytes: int
+        self,
+        *,
+        host: str,
+        port: int,
+        product_key: str,
+        router: CabinetRouter,
+        max_payload_bytes: int,
+        max_connections_per_ip: int = 50,
+        allow_anonymous: bool = False,
+        connect_timeout_s: float = 10.0,
     ) -> None:
+        if max_payload_bytes < 1 or max_connections_per_ip < 1 or connect_timeout_s <= 0:
+            raise ValueError(
+                "max_payload_bytes, max_connections_per_ip and connect_timeout_s must be positive"
+            )
         self.host, self.port, self.product_key = host, port, product_key
+        self.allow_anonymous = allow_anonymous
+        self._limits: dict[str, Any] = {
+            "max_payload_bytes": max_payload_bytes,
+            "max_connections_per_ip": max_connections_per_ip,
+            "connect_timeout_s": connect_timeout_s,
+        }
         self._config: dict[str, Any] = {
             "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": -1}},
             "plugins": {
                 "broker.gate.CabinetGate": {
                     "router": router,
                     "product_key": product_key,
-                    "max_payload_bytes": max_payload_bytes,
+                    "allow_anonymous": allow_anonymous,
                 },
             },
         }
-        self._broker: Broker | None = None
+        self._broker: HardenedBroker | None = None
 
     async def start(self) -> None:
         ensure_port_free(self.host, self.port, "MQTT_PORT")
-        self._broker = Broker(self._config)
+        for name, what in upstream_drift().items():
+            log.warning("event=amqtt_drift function=%s %s: re-review broker/hardened.py", name, what)
+        self._broker = HardenedBroker(self._config, **self._limits)
         await self._broker.start()
         log.info(
-            "event=broker_started host=%s port=%s product_key=%s", self.host, self.port, self.product_key
+            "event=broker_started host=%s port=%s product_key=%s allow_anonymous=%s %s",
+            self.host,
+            self.port,
+            self.product_key,
+            self.allow_anonymous,
+            " ".join(f"{k}={v}" for k, v in self._limits.items()),
         )
+        if self.allow_anonymous:
+            log.warning(
+                "event=broker_allow_anonymous *** ANY client may connect WITHOUT credentials and use every "
+                "topic outside /%s/ — for development and interoperability testing only, never in "
+                "production; cabinets keep their strict rules ***",
+                self.product_key,
+            )
 
     async def publish_command(self, serial_number: str, payload: bytes) -> None:
         """Commands always go out at QoS 0: a redelivered eject would eject a second power bank."""
@@ -65,13 +110,19 @@ class MqttBroker:
         )
 
     def connected_clients(self) -> list[str]:
-        """Client ids (cabinet SNs) connected now."""
+        """Client ids (cabinet SNs) of the cabinets connected now; guests are not cabinets."""
         if self._broker is None:
             return []
-        sessions = self._broker.sessions.items()
-        return [cid for cid, (session, _) in sessions if session.transitions.state == "connected"]
+        return [
+            client_id
+            for client_id, (session, _) in self._broker.sessions.items()
+            if session.transitions.state == "connected" and role(session) == CABINET
+        ]
 
     async def stop(self) -> None:
         if self._broker is not None:
-            await self._broker.shutdown()
-            self._broker = None
+            broker, self._broker = self._broker, None
+            try:
+                await asyncio.wait_for(broker.shutdown(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                log.error("event=broker_stop_timeout timeout_s=%s", STOP_TIMEOUT_S)

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     mqtt_public_host: str | None = None
     mqtt_product_key: str = "powerbank"
     mqtt_max_payload_bytes: int = 4096
+    mqtt_max_connections_per_ip: int = 50
+    mqtt_connect_timeout_s: float = 10.0  # a TCP connection that sends no CONNECT is closed after this
 
     sms_backend: str = "console"
     data_dir: Path = Path("./var")
@@ -57,10 +59,32 @@ class Settings(BaseSettings):
     currency: str = "NPR"
 
     # --- payments (gateways, top-ups) ---
+    public_base_url: str | None = None  # callbacks and redirects; unset → http://HTTP_HOST:HTTP_PORT
+    app_return_url: str | None = None  # redirects end here (?intent_id=&status=); unset → JSON
+    topup_min_amount: Decimal = Decimal("10.00")  # Khalti's minimum
+    topup_max_amount: Decimal = Decimal("50000.00")
+    topup_intent_ttl_s: int = 1800  # an unpaid top-up intent expires after this (Khalti sets its own)
+    payment_gateway_timeout_s: float = 10.0
+    khalti_base_url: str = "https://dev.khalti.com/api/v2"  # production: https://khalti.com/api/v2
+    khalti_secret_key: str = ""  # empty → Khalti top-ups are off
+    esewa_form_url: str = "https://rc-epay.esewa.com.np/api/epay/main/v2/form"
+    esewa_base_url: str = "https://rc.esewa.com.np"  # status check: <base>/api/epay/transaction/status/
+    esewa_product_code: str = "EPAYTEST"
+    esewa_secret_key: str = "8gBm/:&EnhH.1/q"  # eSewa's documented UAT secret; production gets its own
+    stripe_base_url: str = "https://api.stripe.com"
+    stripe_secret_key: str = ""  # empty → Stripe top-ups are off
+    stripe_webhook_secret: str = ""  # empty → every webhook is refused
+    stripe_webhook_tolerance_s: int = 300
 
     # --- idempotency ---
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)  # a key's first response is replayed this long
+    idempotency_retry_after_s: int = Field(default=1, ge=1)  # Retry-After of "still in progress" (409)
 
     # --- stations around a rental ---
+    nearby_default_radius_km: float = Field(default=5.0, gt=0)  # stations/nearby without ?radius=
+    nearby_max_radius_km: float = Field(default=50.0, gt=0)  # a larger ?radius= is refused (422)
+    station_favorites_max: int = Field(default=50, ge=1)  # favorites are a short plain list
+    station_issue_reports_per_hour: int = Field(default=10, ge=1)  # per user; more → 429 rate_limited
 
     @property
     def public_mqtt_host(self) -> str:

@@ -82,3 +82,10 @@ class EjectFailed(DomainError):
     default_message = (
         "The power bank did not come out; nothing was charged. Try again or use another station."
     )
+
+
+class IdempotencyKeyReused(DomainError):
+    code, status = "idempotency_key_reused", 409
+    default_message = (
+        "This Idempotency-Key was already used with a different request: use a new key for a new request."
+    )

@@ -1,20 +1,29 @@
-"""Stations: provisioning, cabinet credentials, and the durable copy of what cabinets report."""
+"""Stations: provisioning, cabinet credentials, and the durable copy of what cabinets report;
+around a rental: the geo index of stations near a user, favorites and issue reports."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import math
 import secrets
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import cast
 
-from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert
+from redis.asyncio import Redis
+from sqlalchemy import delete, func, literal, select
+from sqlalchemy.dialects.postgresql import aggregate_order_by, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from domain.errors import Conflict, NotFound
-from storage.models import DeviceEvent, PowerBank, Slot, Station
+from domain.errors import Conflict, InvalidState, NotFound, RateLimited
+from storage.models import DeviceEvent, PowerBank, Slot, Station, StationStatus
+from storage.station_models import StationFavorite, StationIssueReport, StationIssueType
+
+log = logging.getLogger(__name__)
 
 
 def hash_secret(secret: str) -> str:
@@ -206,3 +215,262 @@ async def durable_views(
         )
         for s in rows
     ]
+
+
+# --- the geo index: where stations are, and which of them can rent now ----------------------------------
+#
+# Two Redis GEO sets. GEO_KEY holds every station's position, rebuilt from the database whenever the
+# stations table no longer matches the fingerprint stored beside it (so stations provisioned before the
+# index existed, a flushed Redis or a new station all converge on the next query). GEO_AVAILABLE_KEY holds
+# the stations that are online with at least one rentable power bank; the kiosk hosts keep it current from
+# the live summaries they write (`refresh_geo_availability` after every status change), and a rebuild
+# recomputes it from those summaries. Both updates run as Lua scripts, so one always sees a station's
+# summary and position together.
+
+GEO_KEY = "stations:geo"
+GEO_AVAILABLE_KEY = "stations:geo:available"
+GEO_FINGERPRINT_KEY = "stations:geo:fingerprint"
+GEO_MAX_LATITUDE = 85.05112878  # Redis GEO (web mercator) cannot index beyond this
+LiveKey = Callable[[str], str]  # station SN -> the Redis hash of its live summary (written by the hosts)
+
+_AVAILABILITY_LUA = """
+local function refresh(geo, available, live, sn)
+  local online = redis.call('HGET', live, 'online')
+  local banks = tonumber(redis.call('HGET', live, 'available_power_banks') or '0') or 0
+  local score = redis.call('ZSCORE', geo, sn)
+  if online == '1' and banks > 0 and score then
+    redis.call('ZADD', available, score, sn)
+    return 1
+  end
+  redis.call('ZREM', available, sn)
+  return 0
+end
+"""
+# KEYS: geo, available, live hash   ARGV: sn
+_REFRESH_ONE = _AVAILABILITY_LUA + "return refresh(KEYS[1], KEYS[2], KEYS[3], ARGV[1])"
+# KEYS: geo, available, fingerprint, live hash of each station   ARGV: fingerprint, then lng, lat, sn each
+_REBUILD = (
+    _AVAILABILITY_LUA
+    + """
+redis.call('DEL', KEYS[1], KEYS[2])
+local n = (#ARGV - 1) / 3
+for first = 2, #ARGV, 300 do
+  redis.call('GEOADD', KEYS[1], unpack(ARGV, first, math.min(first + 299, #ARGV)))
+end
+local available = 0
+for i = 1, n do
+  available = available + refresh(KEYS[1], KEYS[2], KEYS[3 + i], ARGV[1 + 3 * i])
+end
+redis.call('SET', KEYS[3], ARGV[1])
+return available
+"""
+)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def geo_fingerprint(session: AsyncSession) -> str:
+    """A digest of every station's SN and position: changes when a station is added, moved or removed."""
+    row = func.concat_ws(" ", Station.serial_number, Station.latitude, Station.longitude)
+    digest = await session.scalar(
+        select(
+            func.md5(func.coalesce(func.string_agg(row, aggregate_order_by(literal(","), Station.id)), ""))
+        )
+    )
+    return str(digest)
+
+
+async def sync_geo_index(
+    session: AsyncSession, redis: Redis, *, live_key: LiveKey, fingerprint: str | None = None
+) -> int:
+    """Rebuild both geo sets from the database and the live summaries; how many stations it indexed."""
+    # The fingerprint is read before the rows: a station added in between makes the next check rebuild
+    # again, never leaves the index claiming a state newer than it holds.
+    fingerprint = fingerprint or await geo_fingerprint(session)
+    rows = (
+        await session.execute(
+            select(Station.serial_number, Station.latitude, Station.longitude).order_by(Station.id)
+        )
+    ).all()
+    members = [(sn, lat, lng) for sn, lat, lng in rows if abs(lat) <= GEO_MAX_LATITUDE]
+    if len(members) < len(rows):
+        log.warning("event=geo_index_skipped count=%s reason=latitude_beyond_85", len(rows) - len(members))
+    args: list[str | float] = [fingerprint]
+    for sn, lat, lng in members:
+        args += [lng, lat, sn]
+    keys = [GEO_KEY, GEO_AVAILABLE_KEY, GEO_FINGERPRINT_KEY, *(live_key(sn) for sn, _, _ in members)]
+    available = await redis.eval(_REBUILD, len(keys), *keys, *args)
+    log.info("event=geo_index_rebuilt stations=%s available=%s", len(members), available)
+    return len(members)
+
+
+async def ensure_geo_index(session: AsyncSession, redis: Redis, *, live_key: LiveKey) -> bool:
+    """Rebuild the geo index if it no longer matches the stations table; whether it did."""
+    fingerprint = await geo_fingerprint(session)
+    stored = await redis.get(GEO_FINGERPRINT_KEY)
+    if stored is not None and _text(stored) == fingerprint:
+        return False
+    await sync_geo_index(session, redis, live_key=live_key, fingerprint=fingerprint)
+    return True
+
+
+async def refresh_geo_availability(redis: Redis, serial_number: str, *, live: str) -> bool:
+    """Put the station in (or take it out of) the available set from its live summary; whether it is in."""
+    keys = [GEO_KEY, GEO_AVAILABLE_KEY, live]
+    result = await redis.eval(_REFRESH_ONE, len(keys), *keys, serial_number)
+    return bool(result)
+
+
+async def nearby_page(
+    session: AsyncSession,
+    redis: Redis,
+    *,
+    latitude: float,
+    longitude: float,
+    radius_km: float,
+    available_only: bool,
+    page: int,
+    page_size: int,
+) -> tuple[list[tuple[Station, float]], int]:
+    """Stations within `radius_km` of a point, nearest first, with their distance in km; and how many.
+
+    `available_only` searches the available set and leaves out stations under maintenance."""
+    hits = await redis.geosearch(
+        GEO_AVAILABLE_KEY if available_only else GEO_KEY,
+        longitude=longitude,
+        latitude=latitude,
+        radius=radius_km,
+        unit="km",
+        sort="ASC",
+        withdist=True,
+    )
+    ranked = [(_text(sn), float(distance)) for sn, distance in cast(list[tuple[bytes, str]], hits)]
+    if available_only and ranked:
+        resting = set(
+            await session.scalars(
+                select(Station.serial_number).where(
+                    Station.serial_number.in_([sn for sn, _ in ranked]),
+                    Station.status == StationStatus.MAINTENANCE,
+                )
+            )
+        )
+        ranked = [(sn, d) for sn, d in ranked if sn not in resting]
+    window = ranked[(page - 1) * page_size : page * page_size]
+    rows = {
+        s.serial_number: s
+        for s in await session.scalars(
+            select(Station).where(Station.serial_number.in_([sn for sn, _ in window]))
+        )
+    }
+    return [(rows[sn], d) for sn, d in window if sn in rows], len(ranked)
+
+
+# --- favorites ------------------------------------------------------------------------------------------
+
+
+async def _lock(session: AsyncSession, name: str) -> None:
+    """A transaction-scoped advisory lock: serializes one user's check-then-insert."""
+    await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(name, 0))))
+
+
+async def add_favorite(
+    session: AsyncSession, *, user_id: uuid.UUID, serial_number: str, limit: int
+) -> tuple[Station, datetime, bool]:
+    """Mark a station as the user's favorite (idempotent): the station, since when, and whether it is new."""
+    station = await by_serial(session, serial_number)
+    mine = select(StationFavorite.created_at).where(
+        StationFavorite.user_id == user_id, StationFavorite.station_id == station.id
+    )
+    if (since := await session.scalar(mine)) is not None:
+        return station, since, False
+    await _lock(session, f"station_favorites:{user_id}")
+    count = await session.scalar(
+        select(func.count()).select_from(StationFavorite).where(StationFavorite.user_id == user_id)
+    )
+    if (count or 0) >= limit:
+        raise InvalidState(
+            f"You can keep at most {limit} favorite stations: remove one first.", context={"limit": limit}
+        )
+    since = await session.scalar(
+        insert(StationFavorite)
+        .values(user_id=user_id, station_id=station.id)
+        .on_conflict_do_nothing(index_elements=["user_id", "station_id"])
+        .returning(StationFavorite.created_at)
+    )
+    if since is None:  # the same user's concurrent request won
+        since = await session.scalar(mine)
+        assert since is not None
+        return station, since, False
+    return station, since, True
+
+
+async def remove_favorite(session: AsyncSession, *, user_id: uuid.UUID, serial_number: str) -> bool:
+    """Unmark a station (idempotent); whether it was a favorite."""
+    station = await by_serial(session, serial_number)
+    result = await session.execute(
+        delete(StationFavorite)
+        .where(StationFavorite.user_id == user_id, StationFavorite.station_id == station.id)
+        .returning(StationFavorite.id)
+    )
+    return result.first() is not None
+
+
+async def favorites(session: AsyncSession, *, user_id: uuid.UUID) -> list[tuple[Station, datetime]]:
+    """The user's favorite stations, most recently added first."""
+    rows = await session.execute(
+        select(Station, StationFavorite.created_at)
+        .join(StationFavorite, StationFavorite.station_id == Station.id)
+        .where(StationFavorite.user_id == user_id)
+        .order_by(StationFavorite.created_at.desc(), StationFavorite.id.desc())
+    )
+    return [(station, since) for station, since in rows.tuples()]
+
+
+# --- issue reports --------------------------------------------------------------------------------------
+
+
+async def report_issue(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    serial_number: str,
+    issue_type: StationIssueType,
+    description: str,
+    per_hour: int,
+) -> tuple[Station, StationIssueReport]:
+    """Record an OPEN issue report; at most `per_hour` reports per user in any hour (then RateLimited)."""
+    station = await by_serial(session, serial_number)
+    await _lock(session, f"station_issue_reports:{user_id}")
+    now = datetime.now(UTC)
+    window = now - timedelta(hours=1)
+    count, oldest = (
+        await session.execute(
+            select(func.count(), func.min(StationIssueReport.created_at)).where(
+                StationIssueReport.user_id == user_id, StationIssueReport.created_at > window
+            )
+        )
+    ).one()
+    if count >= per_hour and oldest is not None:
+        retry_after = max(1, math.ceil((oldest - window).total_seconds()))
+        raise RateLimited(
+            f"You can report at most {per_hour} issues an hour: try again later.",
+            context={"retry_after": retry_after},
+        )
+    report = StationIssueReport(
+        station_id=station.id,
+        user_id=user_id,
+        issue_type=issue_type,
+        description=description,
+        created_at=now,
+    )
+    session.add(report)
+    await session.flush()
+    log.info(
+        "event=station_issue_reported station_sn=%s issue_type=%s report_id=%s",
+        station.serial_number,
+        issue_type.value,
+        report.id,
+    )
+    return station, report

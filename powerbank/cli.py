@@ -86,13 +86,15 @@ def admin_create(
     console.print(f"[green]{role.value} {user} ready.[/green] Log in with POST /api/auth/otp/request.")
 
 
-def _register_simulate() -> None:
+def _register_commands() -> None:
+    from broker.cli import broker_command
     from simulators.cli import simulate
 
     app.command("simulate", help=simulate.__doc__)(simulate)
+    app.command("broker", help=broker_command.__doc__)(broker_command)
 
 
-_register_simulate()
+_register_commands()
 
 
 def main() -> None:

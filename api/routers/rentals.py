@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 
 from actors.messages import (
     Ejected,
@@ -13,8 +13,9 @@ from actors.messages import (
     KioskTimedOut,
     NoPowerBank,
 )
-from api.deps import CurrentUser, PagingDep, ServicesDep, SessionDep
+from api.deps import CurrentUser, PagingDep, Services, ServicesDep, SessionDep
 from api.envelope import Envelope, Page, ok
+from api.idempotency import IdempotencyDep
 from api.schemas import PackageOut, RentalOut, RentIn
 from domain import rentals, stations
 from domain.errors import (
@@ -25,6 +26,7 @@ from domain.errors import (
     StationNotReady,
     StationOffline,
 )
+from storage.models import User
 
 router = APIRouter(prefix="/api/rentals", tags=["rentals"])
 
@@ -57,8 +59,15 @@ def _refusal(outcome: EjectOutcome) -> DomainError:
             return EjectFailed(context=context)
 
 
-@router.post("/start", status_code=status.HTTP_201_CREATED)
-async def start_rental(body: RentIn, user: CurrentUser, svc: ServicesDep) -> Envelope[RentalOut]:
+@router.post("/start", status_code=status.HTTP_201_CREATED, response_model=Envelope[RentalOut])
+async def start_rental(
+    body: RentIn, user: CurrentUser, svc: ServicesDep, idempotency: IdempotencyDep
+) -> Envelope[RentalOut] | Response:
+    """With `Idempotency-Key`, retries replay the first answer and never eject twice."""
+    return await idempotency.run(lambda: _start_rental(body, user, svc))
+
+
+async def _start_rental(body: RentIn, user: User, svc: Services) -> Envelope[RentalOut]:
     """Write a PENDING_POPUP rental, have the cabinet eject, answer with the rental as it then stands."""
     async with svc.db.transaction() as session:
         await stations.by_serial(session, body.station_sn)
