@@ -7,8 +7,12 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import storage.idempotency_models
+import storage.station_models
 from storage.db import async_url
 from storage.models import Base
+
+del storage  # imported only so autogenerate sees every table in Base.metadata
 
 config = context.config
 target_metadata = Base.metadata
