@@ -14,6 +14,7 @@ from sqlalchemy import update
 
 from actors.placement import owner
 from domain import rentals, wallet
+from simulators.cabinet import SimulatedCabinet
 from storage.models import EntryType, Rental
 from tests.conftest import Api
 from tests.support import eventually, funded_user, rent, rental_status, start_cabinets, wait_ready
@@ -21,18 +22,23 @@ from tests.support import eventually, funded_user, rent, rental_status, start_ca
 pytestmark = pytest.mark.integration
 
 
+async def rented_at_a(
+    client: httpx.AsyncClient, api: Api, operator_token: str
+) -> tuple[SimulatedCabinet, SimulatedCabinet, str, dict[str, Any]]:
+    """Two cabinets A and B, and a user who rented at A: (A, B, the user's token, the rental)."""
+    station_a, station_b = await start_cabinets(client, operator_token, 2)
+    user = await funded_user(client, api, operator_token)
+    await wait_ready(client, user["access"], station_a.sn)
+    r = await rent(client, user["access"], station_a.sn)
+    assert r.status_code == 201, r.text
+    return station_a, station_b, user["access"], r.json()["data"]
+
+
 async def test_a_killed_kiosk_host_is_restarted_and_loses_nothing(
     client: httpx.AsyncClient, api: Api, operator_token: str, system: Any
 ) -> None:
-    station_a, station_b = await start_cabinets(client, operator_token, 2)
+    station_a, station_b, token, rental = await rented_at_a(client, api, operator_token)
     try:
-        user = await funded_user(client, api, operator_token)
-        token = user["access"]
-        await wait_ready(client, token, station_a.sn)
-        r = await rent(client, token, station_a.sn)
-        assert r.status_code == 201, r.text
-        rental = r.json()["data"]
-
         fleet = system.services.fleet
         for name in {owner(station_a.sn, fleet.hosts), owner(station_b.sn, fleet.hosts)}:
             ray.kill(fleet._handle(name), no_restart=False)
@@ -59,15 +65,8 @@ async def test_a_killed_kiosk_host_is_restarted_and_loses_nothing(
 async def test_a_restarted_broker_gets_every_cabinet_back(
     client: httpx.AsyncClient, api: Api, operator_token: str, system: Any
 ) -> None:
-    station_a, station_b = await start_cabinets(client, operator_token, 2)
+    station_a, station_b, token, rental = await rented_at_a(client, api, operator_token)
     try:
-        user = await funded_user(client, api, operator_token)
-        token = user["access"]
-        await wait_ready(client, token, station_a.sn)
-        r = await rent(client, token, station_a.sn)
-        assert r.status_code == 201, r.text
-        rental = r.json()["data"]
-
         ray.kill(system.broker, no_restart=False)  # the supervisor makes the restarted broker listen again
 
         async def offline() -> bool:

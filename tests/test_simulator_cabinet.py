@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 import typer
-from amqtt.broker import Broker
 from amqtt.client import MQTTClient
 from typer.testing import CliRunner
 
@@ -30,7 +28,6 @@ from rentbox import (
     Snapshot,
 )
 from simulators.cabinet import (
-    CabinetCredentials,
     CabinetNotConnected,
     CabinetRefused,
     CabinetUnreachable,
@@ -45,48 +42,17 @@ from simulators.fleet import (
     provision,
     save_credentials,
 )
+from tests.simulator_support import cabinet_credentials, free_port, start_broker
 
 TIMEOUT_S = 5.0
 PK = "powerbank"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def _start_broker(*, allow_anonymous: bool) -> tuple[Broker, int]:
-    port = _free_port()
-    broker = Broker(
-        {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": allow_anonymous}
-            },
-        }
-    )
-    await broker.start()
-    return broker, port
-
-
 @pytest.fixture
 async def broker_port() -> AsyncIterator[int]:
-    broker, port = await _start_broker(allow_anonymous=True)
+    broker, port = await start_broker(allow_anonymous=True)
     yield port
     await broker.shutdown()
-
-
-def _creds(port: int, sn: str = "864601068412899", **changes: Any) -> CabinetCredentials:
-    values: dict[str, Any] = {
-        "sn": sn,
-        "host": "127.0.0.1",
-        "port": port,
-        "username": sn,
-        "password": "s3cret",
-    }
-    return CabinetCredentials(**(values | changes))
 
 
 class Peer:
@@ -142,7 +108,7 @@ async def peer_for(broker_port: int) -> AsyncIterator[PeerFactory]:
 @pytest.fixture
 async def cabinet(broker_port: int) -> AsyncIterator[SimulatedCabinet]:
     cab = SimulatedCabinet(
-        _creds(broker_port),
+        cabinet_credentials(broker_port),
         boards=2,
         holes_per_board=4,
         banks={1: "85019121", 3: "85018284", 6: "80146582"},
@@ -242,7 +208,7 @@ async def test_unknown_and_garbage_commands_are_ignored(
 
 
 async def test_heartbeats(broker_port: int, peer_for: PeerFactory) -> None:
-    creds = _creds(broker_port, sn="864601068400001")
+    creds = cabinet_credentials(broker_port, sn="864601068400001")
     peer = await peer_for(creds.sn)
     cab = SimulatedCabinet(creds, heartbeat_s=0.1, seed=2)
     await cab.start()
@@ -276,8 +242,8 @@ async def test_publish_raw_and_publish_to(cabinet: SimulatedCabinet, peer_for: P
 
 
 async def test_random_fill_is_seeded(broker_port: int) -> None:
-    first = SimulatedCabinet(_creds(broker_port), boards=2, holes_per_board=6, fill=0.5, seed=7)
-    second = SimulatedCabinet(_creds(broker_port), boards=2, holes_per_board=6, fill=0.5, seed=7)
+    first = SimulatedCabinet(cabinet_credentials(broker_port), boards=2, holes_per_board=6, fill=0.5, seed=7)
+    second = SimulatedCabinet(cabinet_credentials(broker_port), boards=2, holes_per_board=6, fill=0.5, seed=7)
     assert first.banks() == second.banks()
     assert len(first.banks()) == 6
     assert all(len(sn) == 8 for sn in first.banks().values())
@@ -286,14 +252,14 @@ async def test_random_fill_is_seeded(broker_port: int) -> None:
 
 
 async def test_refused_credentials() -> None:
-    broker, port = await _start_broker(allow_anonymous=False)
+    broker, port = await start_broker(allow_anonymous=False)
     try:
-        cab = SimulatedCabinet(_creds(port, username="", password=""))
+        cab = SimulatedCabinet(cabinet_credentials(port, username="", password=""))
         with pytest.raises(CabinetRefused) as excinfo:
             await cab.start()
         assert excinfo.value.return_code == 5
         assert "username and password" in str(excinfo.value)
-        ok = SimulatedCabinet(_creds(port))
+        ok = SimulatedCabinet(cabinet_credentials(port))
         await ok.start()
         await ok.stop()
     finally:
@@ -301,13 +267,13 @@ async def test_refused_credentials() -> None:
 
 
 async def test_unreachable_broker() -> None:
-    cab = SimulatedCabinet(_creds(_free_port()))
+    cab = SimulatedCabinet(cabinet_credentials(free_port()))
     with pytest.raises(CabinetUnreachable):
         await cab.start()
 
 
 async def test_send_return(broker_port: int, peer_for: PeerFactory) -> None:
-    creds = _creds(broker_port, sn="864601068400002")
+    creds = cabinet_credentials(broker_port, sn="864601068400002")
     peer = await peer_for(creds.sn)
     await send_return(creds, "85019121", hole=7, holes_per_board=4, soc=90)
     event = await peer.next_frame()
@@ -318,7 +284,7 @@ async def test_send_return(broker_port: int, peer_for: PeerFactory) -> None:
 
 
 async def test_fleet_starts_cabinets_with_unique_banks(broker_port: int, peer_for: PeerFactory) -> None:
-    credentials = [_creds(broker_port, sn=f"SIM{n:012d}") for n in range(12)]
+    credentials = [cabinet_credentials(broker_port, sn=f"SIM{n:012d}") for n in range(12)]
     fleet = SimulatedFleet(credentials, boards=1, holes_per_board=8, fill=1.0, seed=3, heartbeat_s=3600)
     failures = await fleet.start(progress=False)
     try:
@@ -337,9 +303,12 @@ async def test_fleet_starts_cabinets_with_unique_banks(broker_port: int, peer_fo
 
 
 async def test_fleet_reports_refused_cabinets() -> None:
-    broker, port = await _start_broker(allow_anonymous=False)
+    broker, port = await start_broker(allow_anonymous=False)
     try:
-        fleet = SimulatedFleet([_creds(port, sn="A1"), _creds(port, sn="B2", username="")], heartbeat_s=3600)
+        fleet = SimulatedFleet(
+            [cabinet_credentials(port, sn="A1"), cabinet_credentials(port, sn="B2", username="")],
+            heartbeat_s=3600,
+        )
         failures = await fleet.start(progress=False)
         assert set(failures) == {"B2"}
         assert isinstance(failures["B2"], CabinetRefused)
@@ -350,7 +319,10 @@ async def test_fleet_reports_refused_cabinets() -> None:
 
 
 def test_credentials_file_roundtrip(tmp_path: Path) -> None:
-    creds = [_creds(1883, sn="SIM000000000001"), _creds(8883, sn="SIM000000000002", product_key="other")]
+    creds = [
+        cabinet_credentials(1883, sn="SIM000000000001"),
+        cabinet_credentials(8883, sn="SIM000000000002", product_key="other"),
+    ]
     path = tmp_path / "creds.json"
     save_credentials(path, creds)
     assert load_credentials(path) == creds
