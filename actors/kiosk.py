@@ -452,25 +452,30 @@ class Kiosk:
         if not await self.ports.eject_dispatched(request_id, slot.number, powerbank_sn, soc):
             slot.reserved = False
             return RequestWithdrawn(request_id=request_id)
+
+        def ejected(*, reply_lost: bool) -> Ejected:
+            if slot.powerbank_sn in (powerbank_sn, None):
+                slot.empty()
+            else:  # a snapshot already shows another bank returned into this hole
+                slot.reserved = False
+            return Ejected(
+                request_id=request_id,
+                powerbank_sn=powerbank_sn,
+                slot_number=slot.number,
+                soc=soc,
+                reply_lost=reply_lost,
+            )
+
         for send in (1, 2):  # the command, and at most one retry after a check showed the bank still there
             result, snapshot_seen = await self._send_and_wait(request_id, powerbank_sn)
             if result is not None:
                 metrics.EJECT_RESULTS.labels(code=f"0x{result.state:02X}").inc()
-                if send == 2 and result.state == rentbox.EjectState.SN_NOT_FOUND:
-                    # The retry finds no such bank: the first command did eject it after all.
-                    slot.empty()
-                    return Ejected(
-                        request_id=request_id,
-                        powerbank_sn=powerbank_sn,
-                        slot_number=slot.number,
-                        soc=soc,
-                        reply_lost=True,
-                    )
                 if result.success:
-                    slot.empty()
-                    return Ejected(
-                        request_id=request_id, powerbank_sn=powerbank_sn, slot_number=slot.number, soc=soc
-                    )
+                    return ejected(reply_lost=False)
+                if send == 2 and result.state == rentbox.EjectState.SN_NOT_FOUND:
+                    return ejected(
+                        reply_lost=True
+                    )  # the retry finds no such bank: the first command ejected it
                 slot.reserved = False
                 return EjectRefused(request_id=request_id, code=result.state, slot_number=slot.number)
             if not snapshot_seen:
@@ -479,13 +484,7 @@ class Kiosk:
                 self._unresolved.add(powerbank_sn)
                 return EjectUnconfirmed(request_id=request_id, powerbank_sn=powerbank_sn)
             if slot.powerbank_sn != powerbank_sn:
-                return Ejected(
-                    request_id=request_id,
-                    powerbank_sn=powerbank_sn,
-                    slot_number=slot.number,
-                    soc=soc,
-                    reply_lost=True,
-                )
+                return ejected(reply_lost=True)
             log.warning(
                 "event=eject_no_reply station_sn=%s request_id=%s send=%s still_in_hole=%s",
                 self.serial_number,

@@ -37,10 +37,18 @@ async def metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:
     return 0.0
 
 
-async def provision(client: httpx.AsyncClient, token: str, *, holes: int = 4) -> CabinetCredentials:
+async def provision(
+    client: httpx.AsyncClient, token: str, *, holes: int = 4, where: tuple[float, float] = (27.7, 85.3)
+) -> CabinetCredentials:
     """A new station through the operator API; its MQTT credentials as a cabinet gets them."""
     sn = f"T{uuid.uuid4().hex[:12].upper()}"
-    body = {"serial_number": sn, "name": sn, "latitude": 27.7, "longitude": 85.3, "holes_per_board": holes}
+    body = {
+        "serial_number": sn,
+        "name": sn,
+        "latitude": where[0],
+        "longitude": where[1],
+        "holes_per_board": holes,
+    }
     r = await client.post("/api/admin/stations", json=body, headers=Api.auth(token))
     assert r.status_code == 201, r.text
     mqtt = r.json()["data"]["mqtt"]

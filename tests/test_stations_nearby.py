@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
-from simulators.cabinet import CabinetCredentials, SimulatedCabinet
+from simulators.cabinet import SimulatedCabinet
 from tests.conftest import Api, new_phone
-from tests.support import eventually, some_banks, wait_ready
+from tests.support import eventually, provision, some_banks, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -30,31 +30,6 @@ def haversine_km(a: tuple[float, float], b: tuple[float, float]) -> float:
         + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lng2 - lng1) / 2) ** 2
     )
     return 2 * 6371.0088 * math.asin(math.sqrt(h))
-
-
-async def provision_at(
-    client: httpx.AsyncClient, token: str, where: tuple[float, float], *, holes: int = 4
-) -> CabinetCredentials:
-    sn = f"N{uuid.uuid4().hex[:12].upper()}"
-    body = {
-        "serial_number": sn,
-        "name": f"Station {sn}",
-        "address": "Bhaktapur",
-        "latitude": where[0],
-        "longitude": where[1],
-        "holes_per_board": holes,
-    }
-    r = await client.post("/api/admin/stations", json=body, headers=Api.auth(token))
-    assert r.status_code == 201, r.text
-    mqtt = r.json()["data"]["mqtt"]
-    return CabinetCredentials(
-        sn=sn,
-        host=mqtt["host"],
-        port=mqtt["port"],
-        username=mqtt["username"],
-        password=mqtt["password"],
-        product_key=mqtt["product_key"],
-    )
 
 
 async def nearby(
@@ -80,7 +55,7 @@ async def test_nearby_nearest_first_with_distances_and_radius(
     client: httpx.AsyncClient, api: Api, operator_token: str
 ) -> None:
     places = {"far": NAGARKOT, "near": SURYABINAYAK, "mid": THIMI}
-    sn = {name: (await provision_at(client, operator_token, where)).sn for name, where in places.items()}
+    sn = {name: (await provision(client, operator_token, where=where)).sn for name, where in places.items()}
     token = (await api.login(new_phone()))["access"]
 
     page = await nearby(client, token, radius=12)
@@ -95,7 +70,7 @@ async def test_nearby_nearest_first_with_distances_and_radius(
         assert item["distance_km"] == pytest.approx(haversine_km(BHAKTAPUR, places[name]), abs=0.05)
         assert (item["latitude"], item["longitude"]) == places[name]
         assert item["status"] == "OFFLINE" and item["available_power_banks"] == 0
-        assert item["total_slots"] == 4 and item["address"] == "Bhaktapur"
+        assert item["total_slots"] == 4 and item["name"] == item["serial_number"]
 
     within_5 = mine(await nearby(client, token, radius=5), set(sn.values()))
     assert [i["serial_number"] for i in within_5] == [sn["near"], sn["mid"]]
@@ -112,8 +87,8 @@ async def test_nearby_follows_live_availability_and_survives_a_lost_index(
 ) -> None:
     from domain import stations
 
-    online_creds = await provision_at(client, operator_token, SURYABINAYAK)
-    offline_sn = (await provision_at(client, operator_token, THIMI)).sn
+    online_creds = await provision(client, operator_token, where=SURYABINAYAK)
+    offline_sn = (await provision(client, operator_token, where=THIMI)).sn
     token = (await api.login(new_phone()))["access"]
     ours = {online_creds.sn, offline_sn}
     assert {i["serial_number"] for i in mine(await nearby(client, token), ours)} == ours
@@ -185,8 +160,8 @@ async def test_nearby_needs_a_token(client: httpx.AsyncClient) -> None:
 async def test_favorites_idempotent_and_per_user(
     client: httpx.AsyncClient, api: Api, operator_token: str
 ) -> None:
-    first = (await provision_at(client, operator_token, THIMI)).sn
-    second = (await provision_at(client, operator_token, NAGARKOT)).sn
+    first = (await provision(client, operator_token, where=THIMI)).sn
+    second = (await provision(client, operator_token, where=NAGARKOT)).sn
     alice = Api.auth((await api.login(new_phone()))["access"])
     bob = Api.auth((await api.login(new_phone()))["access"])
 
@@ -224,7 +199,7 @@ async def test_favorites_idempotent_and_per_user(
 
 
 async def test_report_issue(client: httpx.AsyncClient, api: Api, operator_token: str, system: Any) -> None:
-    sn = (await provision_at(client, operator_token, THIMI)).sn
+    sn = (await provision(client, operator_token, where=THIMI)).sn
     headers = Api.auth((await api.login(new_phone()))["access"])
     url = f"/api/stations/{sn}/report-issue"
 
