@@ -1,0 +1,14 @@
+"""Payment metrics (merged into the fleet-wide /metrics scrape like every `powerbank_*` family)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+# result: initiated, credited, duplicate, pending, cancelled, expired, failed, amount_mismatch, rejected,
+# gateway_error
+PAYMENTS = Counter("powerbank_payments", "Top-up events by gateway and result", ["gateway", "result"])
+SIGNATURE_FAILURES = Counter(
+    "powerbank_payment_signature_failures",
+    "Gateway callbacks, redirects or webhooks refused because they could not be authenticated",
+    ["gateway"],
+)

@@ -1,0 +1,61 @@
+"""Wallet top-ups through the payment gateways (Khalti, eSewa, Stripe): one row per attempt to pay."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import CheckConstraint, DateTime, Enum, ForeignKey, Numeric, String, UniqueConstraint, func
+from sqlalchemy.orm import Mapped, mapped_column
+
+from storage.models import Base
+
+
+class Gateway(enum.StrEnum):
+    KHALTI = "khalti"
+    ESEWA = "esewa"
+    STRIPE = "stripe"
+
+
+class IntentStatus(enum.StrEnum):
+    PENDING = "PENDING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    return Enum(cls, name=name, values_callable=lambda e: [m.value for m in e])
+
+
+class PaymentIntent(Base):
+    """A top-up the user started. `gateway_ref` is how the gateway names it: Khalti's pidx, eSewa's
+    transaction_uuid (our id), Stripe's PaymentIntent id. COMPLETED exactly when its ledger credit exists."""
+
+    __tablename__ = "payment_intents"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
+    gateway: Mapped[Gateway] = mapped_column(_enum(Gateway, "paymentgateway"))
+    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    currency: Mapped[str] = mapped_column(String(3), default="NPR")
+    status: Mapped[IntentStatus] = mapped_column(
+        _enum(IntentStatus, "paymentintentstatus"), default=IntentStatus.PENDING
+    )
+    gateway_ref: Mapped[str | None] = mapped_column(String(255))
+    gateway_transaction_id: Mapped[str | None] = mapped_column(String(255))
+    failure_reason: Mapped[str | None] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="amount_positive"),
+        UniqueConstraint("gateway", "gateway_ref", name="uq_payment_intents_gateway_ref"),
+    )
