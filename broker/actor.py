@@ -55,10 +55,11 @@ class BrokerService:
         self._started = False
 
     async def start(self) -> None:
+        # After a crash and restart every connection is gone: cabinets are offline until they reconnect.
+        # Told before the listener opens, so no reconnect can overtake it.
+        await asyncio.gather(*(self.fleet.broker_restarted()), return_exceptions=True)
         await self.broker.start()
         self._started = True
-        # After a crash and restart every connection is gone: cabinets are offline until they reconnect.
-        await asyncio.gather(*(self.fleet.broker_restarted()), return_exceptions=True)
 
     async def ensure_started(self) -> None:
         """Idempotent start, called by the supervisor: after Ray restarted this actor it listens again."""
