@@ -76,9 +76,41 @@ class Settings(BaseSettings):
     stripe_webhook_secret: str = ""  # empty → every webhook is refused
     stripe_webhook_tolerance_s: int = 300
 
+    # --- rental rules ---
+    # Late fees, grace and daily cap are rows of late_fee_configurations (one active); LATE_FEE_PER_HOUR
+    # above seeds the first row and is used only if no row is active.
+    postpaid_min_balance: Decimal = Field(default=Decimal("50.00"), ge=0)  # a POSTPAID start needs this much
+    cancel_window_s: int = Field(default=300, ge=0)  # rentals/{id}/cancel this long after the start, at most
+    rental_max_extensions: int = Field(default=3, ge=0)  # rentals/{id}/extend per rental
+    lost_after_overdue_s: int = Field(default=24 * 3600, ge=1)  # OVERDUE this long → completed as lost
+    lost_bank_penalty: Decimal = Field(default=Decimal("5000.00"), ge=0)  # PENALTY for a lost power bank
+    vat_rate: Decimal = Field(default=Decimal("0.13"), ge=0)  # prices include VAT; receipts break it out
+    service_charge_rate: Decimal = Field(default=Decimal("0.025"), ge=0)  # included too; VAT applies on top
+
     # --- idempotency ---
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)  # a key's first response is replayed this long
     idempotency_retry_after_s: int = Field(default=1, ge=1)  # Retry-After of "still in progress" (409)
+
+    # --- notifications and jobs ---
+    fcm_service_account_file: Path | None = None  # Firebase service-account JSON; unset → no push
+    fcm_base_url: str = "https://fcm.googleapis.com"  # <base>/v1/projects/<project_id>/messages:send
+    fcm_token_url: str | None = None  # OAuth2 token endpoint; unset → the service account's token_uri
+    fcm_timeout_s: float = Field(default=10.0, gt=0)
+    # Comma-separated kinds (RENTAL_STARTED, RENTAL_RETURNED, RENTAL_OVERDUE, EJECT_FAILED, TOPUP_CREDITED,
+    # REFUND_PROCESSED) sent per channel; every kind is always kept in-app.
+    notification_push_kinds: str = (
+        "RENTAL_STARTED,RENTAL_RETURNED,RENTAL_OVERDUE,EJECT_FAILED,TOPUP_CREDITED,REFUND_PROCESSED"
+    )
+    notification_sms_kinds: str = "RENTAL_RETURNED,RENTAL_OVERDUE,REFUND_PROCESSED"
+    notification_max_attempts: int = Field(default=5, ge=1)  # then the delivery is FAILED
+    notification_retry_base_s: float = Field(default=30.0, gt=0)  # attempt n failed → wait base·2^(n-1)
+    notification_retry_max_s: float = Field(default=3600.0, gt=0)  # ... at most this
+    notification_batch_size: int = Field(default=100, ge=1)  # deliveries claimed per batch
+    notification_send_concurrency: int = Field(default=10, ge=1)  # sends in flight per worker
+    notification_send_lease_s: float = Field(default=300.0, gt=0)  # claimed, unfinished this long → FAILED
+    job_timeout_s: float = Field(default=300.0, gt=0)  # a job run longer than this is cancelled (error)
+    job_deliver_notifications_interval_s: float = Field(default=5.0, gt=0)
+    job_purge_idempotency_keys_interval_s: float = Field(default=3600.0, gt=0)
 
     # --- stations around a rental ---
     nearby_default_radius_km: float = Field(default=5.0, gt=0)  # stations/nearby without ?radius=

@@ -10,10 +10,12 @@ from typing import Any
 
 import ray
 from fastapi import FastAPI
+from ray.exceptions import RayError
 from redis.asyncio import Redis
 
 from actors.fleet import Fleet, start_hosts
 from actors.host import BROKER_ACTOR
+from actors.jobs import scheduler_metric_families, start_scheduler
 from api.deps import Services
 from api.main import create_app
 from broker.actor import BrokerActor
@@ -49,6 +51,7 @@ class System:
     app: FastAPI
     hosts: list[Any]
     broker: Any
+    scheduler: Any = None
     embedded: EmbeddedServices | None = None
     started_ray: bool = False
     _stopped: bool = field(default=False, init=False)
@@ -67,6 +70,10 @@ class System:
                     await self.services.fleet.tick()
                 except Exception as exc:
                     log.warning("event=supervise_failed error=%r", exc)
+                try:
+                    await self.scheduler.ensure_started.remote()
+                except RayError:  # its owner (another replica) exited: take over
+                    self.scheduler = start_scheduler(self.settings)
 
         self._supervisor = asyncio.get_running_loop().create_task(loop(), name="supervisor")
 
@@ -76,6 +83,7 @@ class System:
             families.extend(await asyncio.wait_for(self.broker.metric_families.remote(), 2.0))
         except Exception as exc:
             log.warning("event=metrics_unavailable actor=broker error=%r", exc)
+        families.extend(await scheduler_metric_families(self.scheduler))
         return families
 
     async def stop(self) -> None:
@@ -84,11 +92,12 @@ class System:
         self._stopped = True
         if self._supervisor is not None:
             self._supervisor.cancel()
-        try:
-            await asyncio.wait_for(self.broker.stop.remote(), 5.0)
-        except Exception as exc:
-            log.warning("event=broker_stop_failed error=%r", exc)
-        for actor in [self.broker, *self.hosts]:
+        for actor, name in ((self.broker, "broker"), (self.scheduler, "scheduler")):
+            try:
+                await asyncio.wait_for(actor.stop.remote(), 5.0)
+            except Exception as exc:
+                log.warning("event=actor_stop_failed actor=%s error=%r", name, exc)
+        for actor in [self.broker, self.scheduler, *self.hosts]:
             ray.kill(actor, no_restart=True)
         await self.services.redis.aclose()
         await self.services.db.dispose()
@@ -127,6 +136,7 @@ async def start_system(settings: Settings, *, check_http_port: bool = True) -> S
         max_concurrency=1000,
     ).remote(settings)
     await broker.start.remote()
+    scheduler = start_scheduler(settings)
     services = Services(
         settings=settings,
         db=Database(settings.database_url),
@@ -140,6 +150,7 @@ async def start_system(settings: Settings, *, check_http_port: bool = True) -> S
         app=FastAPI(),
         hosts=hosts,
         broker=broker,
+        scheduler=scheduler,
         embedded=embedded,
         started_ray=started_ray,
     )

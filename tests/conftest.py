@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import tempfile
 import uuid
@@ -130,11 +131,10 @@ class Api:
         self.sms_file = sms_file
 
     def last_code(self, phone: str) -> str:
+        """The newest one-time code sent to `phone` (other SMS, e.g. notifications, are skipped)."""
         lines = [json.loads(line) for line in self.sms_file.read_text().splitlines()]
-        text = next(m["text"] for m in reversed(lines) if m["to"] == phone)
-        return next(
-            word for word in text.split() if word.rstrip(".").isdigit() and len(word.rstrip(".")) == 6
-        )[:6]
+        codes = (re.search(r"code is (\d{6})", m["text"]) for m in reversed(lines) if m["to"] == phone)
+        return next(code.group(1) for code in codes if code)
 
     async def login(self, phone: str) -> dict[str, Any]:
         r = await self.client.post("/api/auth/otp/request", json={"identifier": phone})
