@@ -5,13 +5,31 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
 from actors.messages import KioskStatus, SlotView
 from api.envelope import Money
-from storage.models import LedgerEntry, Rental, RentalPackage, Station, StationStatus, User
+from storage.models import (
+    LedgerEntry,
+    PackageType,
+    PaymentModel,
+    Rental,
+    RentalPackage,
+    Station,
+    StationStatus,
+    User,
+)
+from storage.rental_models import (
+    REFUND_REASON_MAX,
+    RENTAL_ISSUE_DESCRIPTION_MAX,
+    LateFeeConfiguration,
+    LateFeeType,
+    Refund,
+    RentalIssue,
+    RentalIssueType,
+)
 
 
 class IdentifierIn(BaseModel):
@@ -126,6 +144,7 @@ class PackageOut(BaseModel):
     price: Money
     package_type: str
     payment_model: str
+    deposit_amount: Money  # held at start and given back at return (0.00: no deposit)
 
     @classmethod
     def of(cls, package: RentalPackage) -> PackageOut:
@@ -137,6 +156,7 @@ class PackageOut(BaseModel):
             price=package.price,
             package_type=package.package_type.value,
             payment_model=package.payment_model.value,
+            deposit_amount=package.deposit_amount,
         )
 
 
@@ -244,3 +264,232 @@ class CreditOut(BaseModel):
     amount: Money
     balance: Money
     transfer_id: uuid.UUID
+
+
+# --- rental actions, receipts, refunds, operators' packages and late fees -----------------------------
+
+MoneyIn = Annotated[Decimal, Field(ge=0, le=Decimal("1000000"), decimal_places=2)]
+
+
+class CancelIn(BaseModel):
+    reason: str = Field(default="", max_length=255)
+
+
+class ExtendIn(BaseModel):
+    package_id: int = Field(ge=1)
+
+
+class ExtensionOut(BaseModel):
+    id: int
+    package_name: str
+    extended_minutes: int
+    extension_cost: Money
+    extended_at: datetime
+    due_at: datetime | None
+    extensions_used: int
+    extensions_left: int
+    rental: RentalOut
+
+
+class PayDueOut(BaseModel):
+    rental_id: uuid.UUID
+    amount_paid: Money  # settled now
+    balance: Money  # the wallet after it
+    transaction_ids: list[uuid.UUID]
+    rental_status: str
+    payment_status: str
+    rental: RentalOut
+
+
+class RentalIssueIn(BaseModel):
+    issue_type: RentalIssueType
+    description: str = Field(default="", max_length=RENTAL_ISSUE_DESCRIPTION_MAX)
+
+
+class RentalIssueOut(BaseModel):
+    id: uuid.UUID
+    rental_id: uuid.UUID
+    rental_code: str
+    issue_type: RentalIssueType
+    description: str
+    status: str
+    reported_at: datetime
+    resolved_at: datetime | None
+
+    @classmethod
+    def of(cls, rental: Rental, issue: RentalIssue) -> RentalIssueOut:
+        return cls(
+            id=issue.id,
+            rental_id=rental.id,
+            rental_code=rental.rental_code,
+            issue_type=issue.issue_type,
+            description=issue.description,
+            status=issue.status.value,
+            reported_at=issue.reported_at,
+            resolved_at=issue.resolved_at,
+        )
+
+
+class RentalStatsOut(BaseModel):
+    total_rentals: int
+    completed_rentals: int
+    active_rentals: int
+    cancelled_rentals: int
+    total_spent: Money
+    total_time_used: int  # minutes
+    average_rental_duration: float  # minutes per completed rental
+    timely_returns: int
+    late_returns: int
+    timely_return_rate: float  # percent of completed rentals
+    favorite_station: str | None
+    favorite_package: str | None
+    first_rental_date: datetime | None
+    last_rental_date: datetime | None
+
+
+class ReceiptLineOut(BaseModel):
+    kind: str  # PACKAGE, EXTENSION, USAGE, LATE_FEE, PENALTY, REFUND
+    description: str
+    amount: Money  # VAT and service charge included; refunds negative
+    paid: Money
+
+
+class DepositOut(BaseModel):
+    held: Money  # still held (running rental)
+    captured: Money  # kept to cover what the wallet could not
+    released: Money  # given back
+
+
+class ReceiptOut(BaseModel):
+    rental_id: uuid.UUID
+    rental_code: str
+    status: str
+    payment_status: str
+    currency: str
+    started_at: datetime | None
+    ended_at: datetime | None
+    lines: list[ReceiptLineOut]
+    prices_include_tax: bool  # always true: the total is what is paid; the rest breaks it down
+    subtotal: Money
+    service_charge_rate: str
+    service_charge: Money
+    vat_rate: str
+    vat: Money
+    total: Money
+    amount_paid: Money
+    amount_due: Money
+    deposit: DepositOut
+    issued_at: datetime
+
+
+class RefundIn(BaseModel):
+    rental_id: uuid.UUID
+    amount: Decimal = Field(gt=0, le=Decimal("1000000"), decimal_places=2)
+    reason: str = Field(min_length=1, max_length=REFUND_REASON_MAX)
+
+
+class RefundReviewIn(BaseModel):
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class RefundOut(BaseModel):
+    id: uuid.UUID
+    rental_id: uuid.UUID
+    amount: Money
+    reason: str
+    status: str
+    review_reason: str | None
+    requested_at: datetime
+    reviewed_at: datetime | None
+    processed_at: datetime | None
+
+    @classmethod
+    def of(cls, refund: Refund) -> RefundOut:
+        return cls(
+            id=refund.id,
+            rental_id=refund.rental_id,
+            amount=refund.amount,
+            reason=refund.reason,
+            status=refund.status.value,
+            review_reason=refund.review_reason,
+            requested_at=refund.requested_at,
+            reviewed_at=refund.reviewed_at,
+            processed_at=refund.processed_at,
+        )
+
+
+class AdminRefundOut(RefundOut):
+    user_id: uuid.UUID
+    reviewed_by: uuid.UUID | None
+
+    @classmethod
+    def of(cls, refund: Refund) -> AdminRefundOut:
+        return cls(
+            **RefundOut.of(refund).model_dump(), user_id=refund.user_id, reviewed_by=refund.reviewed_by
+        )
+
+
+class PackageIn(BaseModel):
+    name: str = Field(min_length=1, max_length=80)
+    description: str = Field(default="", max_length=2000)
+    duration_minutes: int = Field(ge=1, le=60 * 24 * 30)
+    price: MoneyIn
+    package_type: PackageType
+    payment_model: PaymentModel
+    is_active: bool = True
+    deposit_amount: MoneyIn = Decimal("0.00")
+
+
+class PackagePatch(BaseModel):
+    name: str | None = Field(default=None, min_length=1, max_length=80)
+    description: str | None = Field(default=None, max_length=2000)
+    duration_minutes: int | None = Field(default=None, ge=1, le=60 * 24 * 30)
+    price: MoneyIn | None = None
+    package_type: PackageType | None = None
+    payment_model: PaymentModel | None = None
+    is_active: bool | None = None
+    deposit_amount: MoneyIn | None = None
+
+
+class AdminPackageOut(PackageOut):
+    is_active: bool
+
+    @classmethod
+    def of(cls, package: RentalPackage) -> AdminPackageOut:
+        return cls(**PackageOut.of(package).model_dump(), is_active=package.is_active)
+
+
+class LateFeeConfigIn(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+    fee_type: LateFeeType
+    multiplier: Decimal = Field(default=Decimal("1.00"), ge=0, le=100, decimal_places=2)
+    flat_rate_per_hour: MoneyIn = Decimal("0.00")
+    grace_period_minutes: int = Field(default=0, ge=0, le=60 * 24 * 7)
+    max_daily_rate: Decimal | None = Field(default=None, gt=0, le=Decimal("1000000"), decimal_places=2)
+    is_active: bool = False
+
+
+class LateFeeConfigOut(BaseModel):
+    id: int
+    name: str
+    fee_type: LateFeeType
+    multiplier: str
+    flat_rate_per_hour: Money
+    grace_period_minutes: int
+    max_daily_rate: Money | None
+    is_active: bool
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: LateFeeConfiguration) -> LateFeeConfigOut:
+        return cls(
+            id=row.id,
+            name=row.name,
+            fee_type=row.fee_type,
+            multiplier=f"{row.multiplier:.2f}",
+            flat_rate_per_hour=row.flat_rate_per_hour,
+            grace_period_minutes=row.grace_period_minutes,
+            max_daily_rate=row.max_daily_rate,
+            is_active=row.is_active,
+            created_at=row.created_at,
+        )

@@ -1,4 +1,9 @@
-"""Double-entry wallet ledger: every movement is two entries that sum to zero, at most once per reference."""
+"""Double-entry wallet ledger: every movement is two entries that sum to zero, at most once per reference.
+
+A wallet never goes below zero (a CHECK constraint, and `transfer` refuses); what a user owes beyond
+their balance is recorded as a due on the rental (`overdue_amount`, payment_status DUE), never as a
+negative balance. Operations on one wallet serialize on its row lock.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import uuid
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.errors import InsufficientBalance, ValidationFailed
@@ -54,7 +60,9 @@ async def transfer(
     amount = money(amount)
     if amount <= 0:
         raise ValidationFailed("Amounts must be positive.", context={"amount": str(amount)})
-    for account in sorted((source, target), key=lambda a: a.id):
+    # The wallet first, then system accounts by id: every path that pre-locks a wallet (charge_up_to,
+    # hold) takes its locks in the same order as this, so two operations never wait on each other.
+    for account in sorted((source, target), key=lambda a: (a.kind != AccountKind.WALLET, a.id)):
         await session.refresh(account, with_for_update=True)
     done = await session.scalar(
         select(LedgerEntry).where(
@@ -132,3 +140,74 @@ async def ledger_imbalance(session: AsyncSession) -> Decimal:
     )
     total = await session.scalar(select(func.coalesce(func.sum(LedgerEntry.amount), 0)))
     return money(Decimal(drift or 0) + abs(Decimal(total or 0)))
+
+
+async def hold_account(session: AsyncSession) -> Account:
+    """The system account deposits are held in while rentals run (created on first use)."""
+    await session.execute(
+        insert(Account)
+        .values(kind=AccountKind.HOLD, user_id=None, balance=Decimal("0.00"), currency="NPR")
+        .on_conflict_do_nothing(index_elements=["kind"], index_where=text("user_id IS NULL"))
+    )
+    return await system_account(session, AccountKind.HOLD)
+
+
+async def charge_up_to(
+    session: AsyncSession, *, user_id: uuid.UUID, amount: Decimal, type: EntryType, reference: str
+) -> Decimal:
+    """Debit as much of `amount` as the wallet holds (to revenue); what it returns is what was taken."""
+    if amount <= 0:
+        return Decimal("0.00")
+    account = await wallet_for(session, user_id, lock=True)
+    take = money(min(amount, account.balance))
+    if take <= 0:
+        return Decimal("0.00")
+    movement = await debit(session, user_id=user_id, amount=take, type=type, reference=reference)
+    return take if movement.applied else Decimal("0.00")
+
+
+async def refund(session: AsyncSession, *, user_id: uuid.UUID, amount: Decimal, reference: str) -> Movement:
+    """Give money that was charged back: revenue → wallet, type REFUND."""
+    wallet = await wallet_for(session, user_id, lock=True)
+    revenue = await system_account(session, AccountKind.REVENUE)
+    return await transfer(
+        session, source=revenue, target=wallet, amount=amount, type=EntryType.REFUND, reference=reference
+    )
+
+
+async def hold_up_to(
+    session: AsyncSession, *, user_id: uuid.UUID, amount: Decimal, reference: str
+) -> Decimal:
+    """Move up to `amount` from the wallet into the hold account (DEPOSIT_HOLD); what was held."""
+    if amount <= 0:
+        return Decimal("0.00")
+    wallet = await wallet_for(session, user_id, lock=True)
+    take = money(min(amount, wallet.balance))
+    if take <= 0:
+        return Decimal("0.00")
+    held = await hold_account(session)
+    movement = await transfer(
+        session, source=wallet, target=held, amount=take, type=EntryType.DEPOSIT_HOLD, reference=reference
+    )
+    return take if movement.applied else Decimal("0.00")
+
+
+async def release(session: AsyncSession, *, user_id: uuid.UUID, amount: Decimal, reference: str) -> Movement:
+    """Give a held deposit back: hold → wallet, type DEPOSIT_RELEASE."""
+    wallet = await wallet_for(session, user_id, lock=True)
+    held = await hold_account(session)
+    return await transfer(
+        session,
+        source=held,
+        target=wallet,
+        amount=amount,
+        type=EntryType.DEPOSIT_RELEASE,
+        reference=reference,
+    )
+
+
+async def capture(session: AsyncSession, *, amount: Decimal, type: EntryType, reference: str) -> Movement:
+    """Keep (part of) a held deposit for what it covers: hold → revenue, typed as the charge it pays."""
+    held = await hold_account(session)
+    revenue = await system_account(session, AccountKind.REVENUE)
+    return await transfer(session, source=held, target=revenue, amount=amount, type=type, reference=reference)

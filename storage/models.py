@@ -77,6 +77,7 @@ class PaymentStatus(enum.StrEnum):
     PAID = "PAID"
     DUE = "DUE"
     NOT_CHARGED = "NOT_CHARGED"
+    REFUNDED = "REFUNDED"  # everything paid was given back (cancel window, approved refunds)
 
 
 class PackageType(enum.StrEnum):
@@ -95,6 +96,7 @@ class AccountKind(enum.StrEnum):
     WALLET = "WALLET"
     REVENUE = "REVENUE"  # rental charges and late fees earned
     FUNDING = "FUNDING"  # money that came in from outside (gateways, operator credits)
+    HOLD = "HOLD"  # deposits held while rentals run (one system account, created on first use)
 
 
 class EntryType(enum.StrEnum):
@@ -180,6 +182,7 @@ class PowerBank(Base):
     station_id: Mapped[int | None] = mapped_column(ForeignKey("stations.id", ondelete="SET NULL"))
     slot_number: Mapped[int | None] = mapped_column(Integer)
     rented_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
+    lost_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -194,10 +197,12 @@ class RentalPackage(Base):
     package_type: Mapped[PackageType] = mapped_column(_enum(PackageType))
     payment_model: Mapped[PaymentModel] = mapped_column(_enum(PaymentModel))
     is_active: Mapped[bool] = mapped_column(default=True)
+    deposit_amount: Mapped[Decimal] = mapped_column(Money, default=Decimal("0.00"), server_default="0")
 
     __table_args__ = (
         CheckConstraint("price >= 0", name="price_nonnegative"),
         CheckConstraint("duration_minutes >= 1", name="duration_positive"),
+        CheckConstraint("deposit_amount >= 0", name="deposit_nonnegative"),
     )
 
 
@@ -223,6 +228,12 @@ class Rental(Base):
     return_battery_level: Mapped[int | None] = mapped_column(Integer)
     failure_reason: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    overdue_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lost_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    recovered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    extension_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    deposit_amount: Mapped[Decimal] = mapped_column(Money, default=Decimal("0.00"), server_default="0")
+    deposit_captured: Mapped[Decimal] = mapped_column(Money, default=Decimal("0.00"), server_default="0")
 
     package: Mapped[RentalPackage] = relationship(lazy="joined")
     station: Mapped[Station] = relationship(foreign_keys=[station_id], lazy="joined")
