@@ -205,15 +205,20 @@ class KioskHost:
             stale = await rentals.pending_stations(session, older_than=cutoff)
             for sn in stale:
                 owned = self.kiosks.get(sn)
-                if owned is None:
-                    continue
-                if owned.ready:
-                    present = {s.powerbank_sn for s in owned.slots.values() if s.powerbank_sn}
-                    await rentals.resolve_pending(
-                        session, station_sn=sn, present=present, exclude=owned.in_flight, older_than=cutoff
-                    )
-                else:  # offline too long to tell: give up on the eject (nothing is charged)
+                if owned is not None and not owned.ready:  # offline too long to tell: nothing is charged
                     await rentals.cancel_pending_before(session, station_sn=sn, before=abandon)
+        for sn in stale:
+            owned = self.kiosks.get(sn)
+            if owned is not None:
+                await owned.settle_stale(cutoff)
+
+    async def settle_stale(
+        self, serial_number: str, *, present: set[str], in_flight: str | None, older_than: datetime
+    ) -> None:
+        async with self.db.transaction() as session:
+            await rentals.resolve_pending(
+                session, station_sn=serial_number, present=present, exclude=in_flight, older_than=older_than
+            )
 
     def metric_families(self) -> list[Any]:
         kiosks = list(self.kiosks.values())

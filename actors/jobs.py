@@ -33,7 +33,7 @@ from prometheus_client import Histogram
 from sqlalchemy import func, select
 
 from config import Settings
-from domain import idempotency, notifications
+from domain import idempotency, notifications, rentals
 from domain.push import PushSender, fcm_client
 from domain.sms import SmsBackend, sms_backend
 from storage.db import Database
@@ -81,7 +81,36 @@ async def purge_idempotency_keys(ctx: JobContext) -> int:
         return await idempotency.purge_expired(session, ttl_s=ctx.settings.idempotency_ttl_s)
 
 
+async def mark_overdue(ctx: JobContext) -> int:
+    """ACTIVE rentals past due (and grace) become OVERDUE; their users are told."""
+    async with ctx.db.transaction() as session:
+        events = await rentals.mark_overdue(session, now=ctx.now())
+        for event in events:
+            assert event.due_at is not None
+            await notifications.rental_overdue(
+                session,
+                user_id=event.user_id,
+                rental_id=event.rental_id,
+                rental_code=event.rental_code,
+                due_at=event.due_at,
+                settings=ctx.settings,
+            )
+    return len(events)
+
+
+async def complete_lost(ctx: JobContext) -> int:
+    """OVERDUE past LOST_AFTER_OVERDUE_S: completed with the lost-bank penalty."""
+    async with ctx.db.transaction() as session:
+        return len(await rentals.complete_lost(session, now=ctx.now(), settings=ctx.settings))
+
+
 JOBS: dict[str, Job] = {
+    "mark_overdue": Job(
+        name="mark_overdue", run=mark_overdue, interval_s=attrgetter("job_mark_overdue_interval_s")
+    ),
+    "complete_lost": Job(
+        name="complete_lost", run=complete_lost, interval_s=attrgetter("job_complete_lost_interval_s")
+    ),
     "deliver_notifications": Job(
         name="deliver_notifications",
         run=deliver_notifications,

@@ -21,6 +21,7 @@ import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 import rentbox
@@ -92,6 +93,10 @@ class KioskPorts(Protocol):
 
     async def reconcile(
         self, serial_number: str, *, present: set[str], appeared: list[Returned], in_flight: str | None
+    ) -> None: ...
+
+    async def settle_stale(
+        self, serial_number: str, *, present: set[str], in_flight: str | None, older_than: datetime
     ) -> None: ...
 
     async def status_changed(self, status: KioskStatus) -> None: ...
@@ -193,6 +198,10 @@ class Kiosk:
         # Banks of unconfirmed ejects: reserved until a snapshot settles them.
         self._unresolved: set[str] = set()
         self._last_timestamp = 0
+        # Settling PENDING_POPUP rentals from the holes (reconcile, stale rentals) and recording a new
+        # eject exclude each other: a rental whose eject is sent meanwhile must not be judged by holes
+        # seen before it was sent.
+        self._settle_lock = asyncio.Lock()
         self._snapshot_waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -329,9 +338,19 @@ class Kiosk:
                 [r.powerbank_sn for r in appeared],
                 sorted(vanished),
             )
-        await self.ports.reconcile(
-            self.serial_number, present=present, appeared=appeared, in_flight=self._current
-        )
+        async with self._settle_lock:
+            await self.ports.reconcile(
+                self.serial_number, present=present, appeared=appeared, in_flight=self._current
+            )
+
+    async def settle_stale(self, older_than: datetime) -> None:
+        """Settle PENDING_POPUP rentals older than `older_than` from the holes as we know them now."""
+        if not self.ready:
+            return
+        async with self._settle_lock:
+            await self.ports.settle_stale(
+                self.serial_number, present=self._banks(), in_flight=self._current, older_than=older_than
+            )
 
     def _on_eject_result(self, result: rentbox.EjectBySnResult) -> None:
         pending = self._pending
@@ -449,7 +468,9 @@ class Kiosk:
         slot.reserved = True
         self._current_sn = powerbank_sn
         soc = slot.soc
-        if not await self.ports.eject_dispatched(request_id, slot.number, powerbank_sn, soc):
+        async with self._settle_lock:  # never while pending rentals are being settled from the holes
+            dispatched = await self.ports.eject_dispatched(request_id, slot.number, powerbank_sn, soc)
+        if not dispatched:
             slot.reserved = False
             return RequestWithdrawn(request_id=request_id)
 

@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(default=300.0, gt=0)  # a job run longer than this is cancelled (error)
     job_deliver_notifications_interval_s: float = Field(default=5.0, gt=0)
     job_purge_idempotency_keys_interval_s: float = Field(default=3600.0, gt=0)
+    job_mark_overdue_interval_s: float = Field(default=60.0, gt=0)
+    job_complete_lost_interval_s: float = Field(default=300.0, gt=0)
 
     # --- stations around a rental ---
     nearby_default_radius_km: float = Field(default=5.0, gt=0)  # stations/nearby without ?radius=

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from domain import rentals, wallet
+from domain import notifications, rentals, wallet
 from domain.errors import InvalidState, NotFound, ValidationFailed
 from domain.pricing import money
 from storage.models import Rental, RentalStatus
@@ -171,5 +171,8 @@ async def process(session: AsyncSession, *, refund_id: uuid.UUID) -> Refund:
     refund.status = RefundStatus.PROCESSED
     refund.transfer_id = movement.transfer_id
     refund.processed_at = datetime.now(UTC)
+    await notifications.refund_processed(
+        session, user_id=refund.user_id, refund_id=refund.id, amount=refund.amount
+    )
     log.info("event=refund_processed refund_id=%s amount=%s", refund.id, refund.amount)
     return refund

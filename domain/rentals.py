@@ -36,7 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from config import Settings, get_settings
-from domain import stations, wallet
+from domain import notifications, stations, wallet
 from domain.errors import (
     ActiveRentalExists,
     InsufficientBalance,
@@ -317,6 +317,14 @@ async def activate(
         session.add(bank)
     bank.station_id, bank.slot_number, bank.rented_by, bank.soc = None, None, rental.user_id, soc
     await _charge_at_start(session, rental)
+    await notifications.rental_started(
+        session,
+        user_id=rental.user_id,
+        rental_id=rental.id,
+        rental_code=rental.rental_code,
+        station_sn=rental.station.serial_number,
+        due_at=rental.due_at,
+    )
     RENTALS.labels(outcome="started").inc()
     log.info("event=rental_active rental_id=%s powerbank_sn=%s slot=%s", rental.id, powerbank_sn, slot_number)
     return rental
@@ -331,6 +339,13 @@ async def cancel_pending(session: AsyncSession, *, rental_id: uuid.UUID, reason:
     rental.payment_status = PaymentStatus.NOT_CHARGED
     rental.failure_reason = reason
     rental.ended_at = datetime.now(UTC)
+    await notifications.eject_failed(
+        session,
+        user_id=rental.user_id,
+        rental_id=rental.id,
+        rental_code=rental.rental_code,
+        station_sn=rental.station.serial_number,
+    )
     RENTALS.labels(outcome="failed").inc()
     log.info("event=rental_cancelled rental_id=%s reason=%s", rental.id, reason)
     return rental
@@ -387,6 +402,15 @@ async def complete_by_return(
     rental.return_station = station
     rental.return_battery_level = soc
     charged = await _close(session, rental, lines, stage="return")
+    await notifications.rental_returned(
+        session,
+        user_id=rental.user_id,
+        rental_id=rental.id,
+        rental_code=rental.rental_code,
+        station_sn=station_sn,
+        charged=charged,
+        due=rental.overdue_amount,
+    )
     RENTALS.labels(outcome="completed").inc()
     log.info(
         "event=rental_completed rental_id=%s station_sn=%s charged=%s due=%s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -52,6 +53,8 @@ class ScriptedCabinet:
     refuse: frozenset[str] = frozenset()  # these banks do not come out: answered with `code`
     hold: asyncio.Event | None = None  # replies wait for this
     popup_seen: asyncio.Event = field(default_factory=asyncio.Event)
+    reconciling: asyncio.Event = field(default_factory=asyncio.Event)
+    hold_reconcile: asyncio.Event | None = None  # reconcile waits for this
     kiosk: Kiosk | None = None
     commands: list[dict[str, str]] = field(default_factory=list)
     returned: list[tuple[int, str]] = field(default_factory=list)
@@ -126,7 +129,15 @@ class ScriptedCabinet:
     async def reconcile(
         self, serial_number: str, *, present: set[str], appeared: list[Returned], in_flight: str | None
     ) -> None:
+        self.reconciling.set()
+        if self.hold_reconcile is not None:
+            await self.hold_reconcile.wait()
         self.reconciled.append((present, appeared, in_flight))
+
+    async def settle_stale(
+        self, serial_number: str, *, present: set[str], in_flight: str | None, older_than: datetime
+    ) -> None:
+        self.reconciled.append((present, [], in_flight))
 
     async def status_changed(self, status: KioskStatus) -> None:
         pass
@@ -369,3 +380,19 @@ async def test_a_retry_answered_sn_not_found_means_the_first_command_ejected() -
         request_id="r1", powerbank_sn="11111111", slot_number=1, soc=90, reply_lost=True
     )
     assert popups(cabinet) == ["11111111", "11111111"]  # never the second bank
+
+
+async def test_no_eject_is_recorded_while_pending_rentals_are_settled_from_the_holes() -> None:
+    """A rental whose eject is sent during a reconcile must not be judged by holes seen before it was sent."""
+    cabinet = ScriptedCabinet({1: Bank("11111111"), 2: None})
+    kiosk = await ready_kiosk(cabinet)
+    cabinet.hold_reconcile, cabinet.reconciling = asyncio.Event(), asyncio.Event()
+    cabinet.holes[2] = Bank("22222222")  # a bank appeared: this snapshot is reconciled
+    cabinet.send(cabinet.snapshot())
+    await asyncio.wait_for(cabinet.reconciling.wait(), 2)
+    eject = asyncio.get_running_loop().create_task(kiosk.eject(request_id="r1"))
+    await asyncio.sleep(0.05)  # ample for the eject to reach its dispatch (no I/O in this test)
+    assert cabinet.dispatched == []  # held back until the settling is done
+    cabinet.hold_reconcile.set()
+    assert isinstance(await eject, Ejected)
+    assert [d[0] for d in cabinet.dispatched] == ["r1"]

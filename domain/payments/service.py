@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from config import Settings
-from domain import wallet
+from domain import notifications, wallet
 from domain.errors import Forbidden, InvalidState, NotFound, ValidationFailed
 from domain.payments import esewa, khalti, stripe
 from domain.payments.errors import GatewayUnavailable, PaymentAmountMismatch, PaymentSignatureInvalid
@@ -324,6 +324,15 @@ async def settle(
                 row.status, row.failure_reason = IntentStatus.EXPIRED, "expired"
             result = "duplicate" if row.status == IntentStatus.COMPLETED else row.status.value.lower()
         balance = (await wallet.wallet_for(session, row.user_id)).balance
+        if credited:
+            await notifications.topup_credited(
+                session,
+                user_id=row.user_id,
+                intent_id=row.id,
+                amount=row.amount,
+                balance=balance,
+                gateway=gateway,
+            )
         state = TopupState(
             intent_id=row.id, gateway=row.gateway, status=row.status, balance=balance, credited=credited
         )

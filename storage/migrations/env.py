@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import storage.idempotency_models
 import storage.notification_models
 import storage.payment_models
+import storage.rental_models
 import storage.station_models
 from storage.db import async_url
 from storage.models import Base
