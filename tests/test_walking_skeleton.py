@@ -105,6 +105,11 @@ async def test_rent_at_a_return_at_b(
             == 2
         )
 
+        # The user was told, in the app, at each step (written in the same transactions as the rental).
+        inbox = (await client.get("/api/notifications", headers=Api.auth(token))).json()["data"]
+        kinds = [n["kind"] for n in inbox["results"]]
+        assert "RENTAL_STARTED" in kinds and "RENTAL_RETURNED" in kinds
+
         # Ejects, rental transitions and frames are recorded inside kiosk-host actor processes;
         # the API's /metrics shows them in the same scrape.
         assert await metric(client, "powerbank_eject_seconds_count", result="success") >= 1
