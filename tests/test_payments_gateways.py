@@ -570,3 +570,26 @@ async def test_ledger_balances_and_every_completed_topup_has_one_credit(
         )
         assert inconsistent == 0
         assert await session.scalar(select(func.count()).select_from(PaymentIntent).where(completed)) >= 10
+
+
+async def test_idempotency_key_on_topup_intent_and_verify(
+    client: httpx.AsyncClient, api: Api, gateways: Gateways
+) -> None:
+    """A retried top-up-intent with the same key gets the same intent back, never a second one."""
+    token = await new_user(api)
+    headers = {**Api.auth(token), "Idempotency-Key": "topup-retry-1"}
+    body = {"amount": 100, "gateway": "khalti"}
+    first = await client.post(TOPUP, json=body, headers=headers)
+    again = await client.post(TOPUP, json=body, headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json() and again.headers.get("Idempotent-Replayed") == "true"
+    other = await client.post(TOPUP, json={**body, "amount": 200}, headers=headers)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+    intent = first.json()["data"]
+    gateways.khalti.pay(khalti_pidx(intent))
+    verify_headers = {**Api.auth(token), "Idempotency-Key": "verify-retry-1"}
+    payload = {"intent_id": intent["intent_id"], "pidx": khalti_pidx(intent)}
+    answers = [await client.post(VERIFY, json=payload, headers=verify_headers) for _ in range(2)]
+    assert [status_of(r) for r in answers] == ["COMPLETED", "COMPLETED"]
+    assert answers[1].headers.get("Idempotent-Replayed") == "true"
+    await credited_once(client, token, intent["intent_id"], "100.00")

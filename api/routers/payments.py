@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-from decimal import Decimal
-
 from fastapi import APIRouter
 from sqlalchemy import func, select
 
 from api.deps import CurrentUser, PagingDep, SessionDep
 from api.envelope import Envelope, Page, ok
 from api.schemas import BalanceOut, TransactionOut
-from domain import wallet
+from domain import rentals, wallet
 from storage.models import LedgerEntry
 
 router = APIRouter(prefix="/api/payments", tags=["payments"])
@@ -17,7 +15,8 @@ router = APIRouter(prefix="/api/payments", tags=["payments"])
 @router.get("/wallet/balance")
 async def balance(user: CurrentUser, session: SessionDep) -> Envelope[BalanceOut]:
     account = await wallet.wallet_for(session, user.id)
-    return ok(BalanceOut(balance=account.balance, currency=account.currency, held=Decimal("0.00")))
+    held = await rentals.held_deposits(session, user.id)
+    return ok(BalanceOut(balance=account.balance, currency=account.currency, held=held))
 
 
 @router.get("/transactions")

@@ -13,10 +13,12 @@ from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
-from api.deps import CurrentUser, ServicesDep
+from api.deps import CurrentUser, Services, ServicesDep
 from api.envelope import Envelope, Money, ok
+from api.idempotency import IdempotencyDep
 from config import Settings
 from domain.payments import service
+from storage.models import User
 from storage.payment_models import Gateway
 
 router = APIRouter(prefix="/api/payments", tags=["payments"])
@@ -129,16 +131,32 @@ def _finish(settings: Settings, state: service.TopupState) -> Response:
     return JSONResponse(ok(result).model_dump(mode="json"))
 
 
-@router.post("/wallet/topup-intent", status_code=status.HTTP_201_CREATED)
-async def topup_intent(body: TopupIn, user: CurrentUser, svc: ServicesDep) -> Envelope[TopupIntentOut]:
+@router.post(
+    "/wallet/topup-intent", status_code=status.HTTP_201_CREATED, response_model=Envelope[TopupIntentOut]
+)
+async def topup_intent(
+    body: TopupIn, user: CurrentUser, svc: ServicesDep, idempotency: IdempotencyDep
+) -> Envelope[TopupIntentOut] | Response:
+    """With `Idempotency-Key`, a retry replays the first answer (the same intent, not a second one)."""
+    return await idempotency.run(lambda: _topup_intent(body, user, svc))
+
+
+async def _topup_intent(body: TopupIn, user: User, svc: Services) -> Envelope[TopupIntentOut]:
     created = await service.create_topup(
         db=svc.db, settings=svc.settings, user_id=user.id, amount=body.amount, gateway=body.gateway
     )
     return ok(TopupIntentOut.of(created), "Top-up started: complete the payment with the gateway.")
 
 
-@router.post("/verify")
-async def verify(body: VerifyIn, user: CurrentUser, svc: ServicesDep) -> Envelope[TopupStatusOut]:
+@router.post("/verify", response_model=Envelope[TopupStatusOut])
+async def verify(
+    body: VerifyIn, user: CurrentUser, svc: ServicesDep, idempotency: IdempotencyDep
+) -> Envelope[TopupStatusOut] | Response:
+    """With `Idempotency-Key`, a retry replays the first answer; without one it is safe to repeat anyway."""
+    return await idempotency.run(lambda: _verify(body, user, svc))
+
+
+async def _verify(body: VerifyIn, user: User, svc: Services) -> Envelope[TopupStatusOut]:
     state = await service.verify(
         db=svc.db,
         settings=svc.settings,
