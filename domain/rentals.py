@@ -114,7 +114,8 @@ async def open_rental(session: AsyncSession, user_id: uuid.UUID) -> Rental | Non
 async def get(session: AsyncSession, rental_id: uuid.UUID, *, lock: bool = False) -> Rental:
     stmt = select(Rental).where(Rental.id == rental_id)
     if lock:
-        stmt = stmt.with_for_update(of=Rental)
+        # The row as it is once the lock is ours, even if this session read it (unlocked) before.
+        stmt = stmt.with_for_update(of=Rental).execution_options(populate_existing=True)
     rental = (await session.execute(stmt)).unique().scalar_one_or_none()
     if rental is None:
         raise NotFound("Rental not found.", context={"rental_id": str(rental_id)})
