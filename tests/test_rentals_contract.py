@@ -465,3 +465,43 @@ async def test_postpaid_package_over_the_contract(client: httpx.AsyncClient, sys
         "PENDING",
         "0.00",
     )
+
+
+async def test_start_active_history_balance_and_transactions_over_the_contract(
+    client: httpx.AsyncClient, api: Any, operator_token: str
+) -> None:
+    """The paths the walking skeleton built, checked field by field against mobile-api.md."""
+    from tests.support import funded_user, rent, start_cabinet, wait_ready
+
+    cabinet = await start_cabinet(client, operator_token)
+    try:
+        user = await funded_user(client, api, operator_token)
+        auth = _op(user["access"])
+        await wait_ready(client, user["access"], cabinet.sn)
+        packages = _ok(await client.get("/api/rentals/packages", headers=auth))
+        assert isinstance(packages, list) and all(PACKAGE <= set(p) for p in packages)
+        started = _ok(await rent(client, user["access"], cabinet.sn), 201)
+        _rental(started)
+        assert started["status"] == "ACTIVE" and started["station_sn"] == cabinet.sn
+        active = _ok(await client.get("/api/rentals/active", headers=auth))
+        _rental(active)
+        assert active["id"] == started["id"]
+        _error(await rent(client, user["access"], cabinet.sn), 409, "active_rental_exists")
+        history = _ok(await client.get("/api/rentals/history?page=1&page_size=5", headers=auth))
+        assert set(history) == PAGE and history["page_size"] == 5 and history["count"] == 1
+        _rental(history["results"][0])
+        _error(await client.get("/api/rentals/history?page_size=101", headers=auth), 422, "validation_error")
+        balance = _ok(await client.get("/api/payments/wallet/balance", headers=auth))
+        assert set(balance) == {"balance", "currency", "held"} and balance["currency"] == "NPR"
+        _money(balance["balance"])
+        _money(balance["held"])
+        entries = _ok(await client.get("/api/payments/transactions", headers=auth))
+        assert set(entries) == PAGE
+        for entry in entries["results"]:
+            assert set(entry) == {"id", "type", "amount", "balance_after", "reference", "created_at"}
+            _money(entry["amount"])
+            _money(entry["balance_after"])
+        assert [e["type"] for e in entries["results"]] == ["RENTAL_CHARGE", "TOPUP"]
+        assert entries["results"][0]["amount"].startswith("-")
+    finally:
+        await cabinet.stop()
