@@ -522,16 +522,7 @@ async def _charge_at_start(session: AsyncSession, rental: Rental) -> None:
     package = rental.package
     lines = await _lines(session, rental.id)
     if package.payment_model == PaymentModel.PREPAID and not lines:
-        await _add_line(
-            session,
-            rental,
-            lines,
-            ChargeKind.PACKAGE,
-            package.price,
-            f"{package.name} ({package.duration_minutes} min, prepaid)",
-            package_id=package.id,
-            minutes=package.duration_minutes,
-        )
+        await _add_package_line(session, rental, lines)
         await _collect(session, rental, lines, "charge")
     if package.deposit_amount > 0 and rental.deposit_amount == 0:
         rental.deposit_amount = await wallet.hold_up_to(
@@ -541,6 +532,20 @@ async def _charge_at_start(session: AsyncSession, rental: Rental) -> None:
             reference=f"rental:{rental.id}:deposit",
         )
     _totals(rental, lines)
+
+
+async def _add_package_line(session: AsyncSession, rental: Rental, lines: list[RentalCharge]) -> None:
+    package = rental.package
+    await _add_line(
+        session,
+        rental,
+        lines,
+        ChargeKind.PACKAGE,
+        package.price,
+        f"{package.name} ({package.duration_minutes} min, prepaid)",
+        package_id=package.id,
+        minutes=package.duration_minutes,
+    )
 
 
 async def _assess_end(
@@ -558,16 +563,7 @@ async def _assess_end(
     package = rental.package
     if package.payment_model == PaymentModel.PREPAID:
         if not any(line.kind == ChargeKind.PACKAGE for line in lines):  # activated before 0005: due now
-            await _add_line(
-                session,
-                rental,
-                lines,
-                ChargeKind.PACKAGE,
-                package.price,
-                f"{package.name} ({package.duration_minutes} min, prepaid)",
-                package_id=package.id,
-                minutes=package.duration_minutes,
-            )
+            await _add_package_line(session, rental, lines)
     else:
         usage = postpaid_usage(
             price=package.price,
