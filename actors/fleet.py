@@ -49,14 +49,18 @@ class Fleet:
             handle = self._handles[name] = ray.get_actor(name, namespace=self.namespace)
         return handle
 
-    async def rent(self, serial_number: str, rental_id: str) -> EjectOutcome:
+    async def _ask(self, serial_number: str, method: str, *args: Any, unavailable: Any) -> Any:
+        """Call the owning host; `unavailable` when it is unreachable or restarting (logged)."""
         try:
-            outcome: EjectOutcome = await self.host(serial_number).rent.remote(serial_number, rental_id)
-        except RayError as exc:  # the host died mid-call: the eject may or may not have gone out
-            log.warning(
-                "event=host_unavailable station_sn=%s rental_id=%s error=%r", serial_number, rental_id, exc
-            )
-            return EjectUnconfirmed(request_id=rental_id, powerbank_sn="")
+            return await getattr(self.host(serial_number), method).remote(serial_number, *args)
+        except RayError as exc:
+            log.warning("event=host_unavailable station_sn=%s call=%s error=%r", serial_number, method, exc)
+            return unavailable
+
+    async def rent(self, serial_number: str, rental_id: str) -> EjectOutcome:
+        # A host that died mid-call may or may not have sent the eject: unconfirmed, settled later.
+        unconfirmed = EjectUnconfirmed(request_id=rental_id, powerbank_sn="")
+        outcome: EjectOutcome = await self._ask(serial_number, "rent", rental_id, unavailable=unconfirmed)
         return outcome
 
     async def frame(self, serial_number: str, kind: str, payload: bytes) -> None:
@@ -64,19 +68,11 @@ class Fleet:
 
     async def status(self, serial_number: str) -> KioskStatus | None:
         """The kiosk's live status; None (offline) while its host is unreachable or restarting."""
-        try:
-            status: KioskStatus | None = await self.host(serial_number).status.remote(serial_number)
-        except RayError as exc:
-            log.warning("event=host_unavailable station_sn=%s error=%r", serial_number, exc)
-            return None
+        status: KioskStatus | None = await self._ask(serial_number, "status", unavailable=None)
         return status
 
     async def slots(self, serial_number: str) -> list[SlotView] | None:
-        try:
-            views: list[SlotView] | None = await self.host(serial_number).slots.remote(serial_number)
-        except RayError as exc:
-            log.warning("event=host_unavailable station_sn=%s error=%r", serial_number, exc)
-            return None
+        views: list[SlotView] | None = await self._ask(serial_number, "slots", unavailable=None)
         return views
 
     def broker_restarted(self) -> list[Any]:

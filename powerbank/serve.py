@@ -15,6 +15,7 @@ from config import Settings
 from domain import stations, users
 from domain.errors import NotFound
 from powerbank.system import System, start_system
+from simulators.fleet import save_credentials
 from storage.db import Database
 from storage.embedded import EmbeddedServices
 from storage.migrate import upgrade
@@ -139,7 +140,9 @@ async def serve(settings: Settings, *, demo: bool) -> None:
         if demo:
             with console.status("Provisioning demo stations and connecting simulated cabinets…"):
                 cabinets = await provision_demo(system)
-                _save_demo_credentials(system.settings, cabinets)
+                save_credentials(
+                    system.settings.data_dir / "demo-cabinets.json", [c.credentials for c in cabinets]
+                )
         server = uvicorn.Server(
             uvicorn.Config(system.app, host=settings.http_host, port=settings.http_port, log_level="info")
         )
@@ -154,26 +157,3 @@ async def serve(settings: Settings, *, demo: bool) -> None:
             with contextlib.suppress(Exception):
                 await cabinet.stop()
         await system.stop()
-
-
-def _save_demo_credentials(settings: Settings, cabinets: list[Any]) -> None:
-    import json
-
-    path = settings.data_dir / "demo-cabinets.json"
-    path.write_text(
-        json.dumps(
-            [
-                {
-                    "sn": c.credentials.sn,
-                    "host": c.credentials.host,
-                    "port": c.credentials.port,
-                    "username": c.credentials.username,
-                    "password": c.credentials.password,
-                    "product_key": c.credentials.product_key,
-                }
-                for c in cabinets
-            ],
-            indent=1,
-        )
-    )
-    path.chmod(0o600)

@@ -9,9 +9,11 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
 
 from simulators import Faults
 from simulators.cabinet import CabinetCredentials, SimulatedCabinet, random_banks
+from storage.models import DeviceEvent
 from tests.conftest import Api, new_phone
 
 RNG, TAKEN = random.Random(), set[str]()  # power-bank SNs unique across every cabinet of the session
@@ -137,3 +139,17 @@ def at_most_once(*cabinets: SimulatedCabinet) -> None:
     for cabinet in cabinets:
         doubles = {key: n for key, n in cabinet.ejects_per_command.items() if n > 1}
         assert not doubles, (cabinet.sn, [e for e in cabinet.physical_ejects if e[0] in doubles])
+
+
+async def return_events(system: Any, station_sn: str) -> int:
+    """How many power-bank returns (0x40) the station's kiosk recorded."""
+    async with system.services.db.transaction() as session:
+        count: int = (
+            await session.scalar(
+                select(func.count())
+                .select_from(DeviceEvent)
+                .where(DeviceEvent.station_sn == station_sn, DeviceEvent.kind == "return")
+            )
+            or 0
+        )
+    return count

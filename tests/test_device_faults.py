@@ -11,10 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
 
 from simulators import Faults
-from storage.models import DeviceEvent
 from tests.conftest import Api
 from tests.support import (
     at_most_once,
@@ -23,6 +21,7 @@ from tests.support import (
     metric,
     rent,
     rental_status,
+    return_events,
     some_banks,
     wait_ready,
 )
@@ -141,13 +140,7 @@ async def test_every_return_sent_twice_closes_and_charges_once(
         await station_b.return_powerbank(rental["powerbank_sn"])
 
         async def both_recorded() -> bool:
-            async with system.services.db.transaction() as session:
-                n = await session.scalar(
-                    select(func.count())
-                    .select_from(DeviceEvent)
-                    .where(DeviceEvent.station_sn == station_b.sn)
-                )
-            return n == 2
+            return await return_events(system, station_b.sn) == 2
 
         await eventually(both_recorded)
         assert await rental_status(client, token, rental["id"]) == "COMPLETED"

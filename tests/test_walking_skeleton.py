@@ -11,23 +11,9 @@ import pytest
 import rentbox
 from simulators.cabinet import CabinetCredentials, CabinetRefused, SimulatedCabinet
 from tests.conftest import Api, new_phone
-from tests.support import eventually, metric, provision, start_cabinets, wait_ready
+from tests.support import eventually, metric, provision, return_events, start_cabinets, wait_ready
 
 pytestmark = pytest.mark.integration
-
-
-async def return_events(system: Any, station_sn: str, powerbank_sn: str, count: int) -> bool:
-    from sqlalchemy import func, select
-
-    from storage.models import DeviceEvent
-
-    async with system.services.db.transaction() as session:
-        n = await session.scalar(
-            select(func.count())
-            .select_from(DeviceEvent)
-            .where(DeviceEvent.station_sn == station_sn, DeviceEvent.kind == "return")
-        )
-    return n == count
 
 
 async def test_rent_at_a_return_at_b(
@@ -93,7 +79,11 @@ async def test_rent_at_a_return_at_b(
             board=1, hole=hole_b, area=0, sn=rental["powerbank_sn"], state=1, software_version=1, soc=80
         )
         await station_b.publish_raw("update", rentbox.encode(frame))
-        await eventually(lambda: return_events(system, station_b.sn, rental["powerbank_sn"], 2))
+
+        async def recorded_twice() -> bool:
+            return await return_events(system, station_b.sn) == 2
+
+        await eventually(recorded_twice)
         balance = (await client.get("/api/payments/wallet/balance", headers=Api.auth(token))).json()["data"]
         assert Decimal(balance["balance"]) == Decimal("500") - price
         assert (
