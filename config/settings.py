@@ -120,6 +120,21 @@ class Settings(BaseSettings):
     station_favorites_max: int = Field(default=50, ge=1)  # favorites are a short plain list
     station_issue_reports_per_hour: int = Field(default=10, ge=1)  # per user; more → 429 rate_limited
 
+    # --- auth: one-time codes, lock-out, tokens ---
+    otp_per_identifier_per_hour: int = Field(default=5, ge=1)  # codes sent to one identifier per hour
+    otp_per_ip_per_hour: int = Field(default=100, ge=1)  # code requests from one IP per hour (carrier NAT)
+    lockout_s: int = Field(default=900, ge=1)  # how long a lock-out lasts (423 + Retry-After)
+    # wrong codes (or operator passwords) from one IP, over any identifiers, within LOCKOUT_S → IP locked
+    login_max_failures_per_ip: int = Field(default=20, ge=1)
+
+    # --- users, profile and KYC ---
+
+    # --- operators (admin API) ---
+
+    # --- admin web UI ---
+
+    # --- HTTP limits ---
+
     @property
     def public_mqtt_host(self) -> str:
         return self.mqtt_public_host or self.mqtt_host

@@ -60,6 +60,12 @@ class RateLimited(DomainError):
     code, status, default_message = "rate_limited", 429, "Too many requests: wait and try again."
 
 
+class LockedOut(DomainError):
+    """Too many failed logins; `context["retry_after"]` (seconds) becomes the Retry-After header."""
+
+    code, status, default_message = "locked_out", 423, "Too many failed attempts: wait and try again."
+
+
 class StationOffline(DomainError):
     code, status, default_message = "station_offline", 503, "The station is offline: try another station."
 

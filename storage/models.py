@@ -119,6 +119,10 @@ class User(Base):
     name: Mapped[str | None] = mapped_column(String(120))
     role: Mapped[Role] = mapped_column(_enum(Role), default=Role.USER)
     kyc_status: Mapped[str] = mapped_column(String(16), default="NOT_SUBMITTED")
+    avatar_url: Mapped[str | None] = mapped_column(String(500))
+    # argon2 hash; only operators and admins have one (the /admin web login). App users log in by code.
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    is_active: Mapped[bool] = mapped_column(default=True, server_default=text("true"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     __table_args__ = (CheckConstraint("phone IS NOT NULL OR email IS NOT NULL", name="has_identifier"),)

@@ -7,6 +7,7 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import storage.audit_models
 import storage.idempotency_models
 import storage.notification_models
 import storage.payment_models
