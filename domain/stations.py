@@ -189,6 +189,14 @@ async def rotate_secret(session: AsyncSession, serial_number: str) -> str:
     return secret
 
 
+async def set_maintenance(session: AsyncSession, serial_number: str, *, on: bool) -> Station:
+    """Take a station out of service (no rentals start there) or put it back."""
+    station = await by_serial(session, serial_number, lock=True)
+    station.status = StationStatus.MAINTENANCE if on else StationStatus.ACTIVE
+    await session.flush()
+    return station
+
+
 async def durable_views(
     session: AsyncSession,
 ) -> list[tuple[StationModel, dict[int, tuple[str, int | None]]]]:
