@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -55,15 +57,59 @@ async def current_user(
 ) -> User:
     if credentials is None:
         raise Unauthorized("Missing bearer token: log in first.")
-    claims = auth.decode(credentials.credentials, kind="access", settings=svc.settings)
+    claims = await auth.authenticate(svc.redis, token=credentials.credentials, settings=svc.settings)
     async with svc.db.transaction() as session:
         user = await session.get(User, claims.user_id)
     if user is None:
         raise Unauthorized()
+    if not user.is_active:
+        raise Forbidden("This account is disabled.")
     return user
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@lru_cache(maxsize=8)
+def _networks(spec: str) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip())
+
+
+def _trusted(host: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def client_ip(request: Request, settings: Settings) -> str:
+    """The client's IP: the TCP peer, unless the peer is one of TRUSTED_PROXIES; then X-Forwarded-For is
+    read from the right, skipping trusted proxies, and the first other address is the client (the left
+    part of the header is whatever the client wrote, so it is never believed blindly)."""
+    peer = request.client.host if request.client else "unknown"
+    networks = _networks(settings.trusted_proxies)
+    if not networks or not _trusted(peer, networks):
+        return peer
+    hops = [h.strip() for v in request.headers.getlist("x-forwarded-for") for h in v.split(",")]
+    candidate = peer
+    for hop in reversed(hops):
+        try:
+            candidate = str(ipaddress.ip_address(hop))
+        except ValueError:
+            break  # garbage: keep the last proxy-vouched address
+        if not _trusted(candidate, networks):
+            break
+    return candidate
+
+
+def request_ip(request: Request, svc: ServicesDep) -> str:
+    return client_ip(request, svc.settings)
+
+
+ClientIp = Annotated[str, Depends(request_ip)]
 
 
 async def operator(user: CurrentUser) -> User:

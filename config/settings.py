@@ -126,14 +126,37 @@ class Settings(BaseSettings):
     lockout_s: int = Field(default=900, ge=1)  # how long a lock-out lasts (423 + Retry-After)
     # wrong codes (or operator passwords) from one IP, over any identifiers, within LOCKOUT_S → IP locked
     login_max_failures_per_ip: int = Field(default=20, ge=1)
+    # Comma-separated IPs/CIDRs of reverse proxies whose X-Forwarded-For is believed; empty → the TCP peer
+    trusted_proxies: str = Field(default="", pattern=r"^[0-9A-Fa-f:.,/ ]*$")
+    # "kid1:secret1,kid2:secret2": the first signs, all verify (rotation); empty → JWT_SECRET as "default"
+    jwt_keys: str = Field(default="", pattern=r"^$|^[^:,\s]+:[^,\s]+(,[^:,\s]+:[^,\s]+)*$")
+    # SMS_BACKEND=sparrow: Sparrow SMS (https://api.sparrowsms.com/v2/sms/), token and sender identity
+    sparrow_base_url: str = "https://api.sparrowsms.com/v2"
+    sparrow_token: str = ""
+    sparrow_from: str = ""
+    sms_timeout_s: float = Field(default=10.0, gt=0)  # an SMS gateway call longer than this fails (503)
 
     # --- users, profile and KYC ---
+    kyc_max_file_bytes: int = Field(default=5 * 1024 * 1024, ge=1)  # per file (front, back, selfie)
+    kyc_required_to_rent: bool = False  # true → rentals/start needs APPROVED KYC (403 kyc_required)
+    kyc_storage_backend: str = Field(default="local", pattern="^(local|s3)$")  # where KYC files are kept
+    kyc_storage_dir: Path | None = None  # local backend; unset → DATA_DIR/kyc
+    kyc_s3_endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, R2, ...); unset → AWS
+    kyc_s3_bucket: str = ""
+    kyc_s3_access_key_id: str = ""
+    kyc_s3_secret_access_key: str = ""
+    kyc_s3_region: str = "us-east-1"
+    kyc_s3_prefix: str = "kyc/"  # object names are <prefix><user_id>/<submission_id>/<side>.<ext>
 
     # --- operators (admin API) ---
 
     # --- admin web UI ---
+    admin_session_ttl_s: int = Field(default=8 * 3600, ge=60)  # an /admin login lasts this long, at most
+    admin_password_min_length: int = Field(default=12, ge=8)  # operator passwords (powerbank admin create)
 
     # --- HTTP limits ---
+    http_max_body_bytes: int = Field(default=1_048_576, ge=1)  # larger request bodies → 413
+    http_max_upload_bytes: int = Field(default=20_971_520, ge=1)  # the same, for KYC uploads (multipart)
 
     @property
     def public_mqtt_host(self) -> str:

@@ -95,3 +95,19 @@ class IdempotencyKeyReused(DomainError):
     default_message = (
         "This Idempotency-Key was already used with a different request: use a new key for a new request."
     )
+
+
+class KycRequired(DomainError):
+    code, status = "kyc_required", 403
+    default_message = "Verify your identity (KYC) before renting: an operator must approve your documents."
+
+
+class FileTooLarge(DomainError):
+    code, status, default_message = "file_too_large", 413, "The file is too large."
+
+
+class CommandTimeout(DomainError):
+    """An operator's command got no reply frame in time; whether the cabinet acted is in the context."""
+
+    code, status = "command_timeout", 504
+    default_message = "The cabinet did not answer the command in time."

@@ -27,11 +27,13 @@ def _keys(identifier: str, ip: str) -> dict[str, str]:
 
 
 async def ensure_not_locked(redis: Redis, *, identifier: str, ip: str) -> None:
-    """Raise LockedOut (with retry_after) if the pair or the IP is locked now."""
-    for key in _keys(identifier, ip).values():
-        ttl = await redis.ttl(f"{key}:locked")
-        if ttl > 0:
-            raise LockedOut(context={"retry_after": ttl})
+    """Raise LockedOut (with retry_after) if the pair or the IP is locked now (one round trip)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in _keys(identifier, ip).values():
+            pipe.ttl(f"{key}:locked")
+        ttls: list[int] = await pipe.execute()
+    if (longest := max(ttls)) > 0:
+        raise LockedOut(context={"retry_after": longest})
 
 
 async def failed(redis: Redis, settings: Settings, *, identifier: str, ip: str) -> None:

@@ -12,7 +12,7 @@ import uvicorn
 from rich.console import Console
 
 from config import Settings
-from domain import stations, users
+from domain import passwords, stations, users
 from domain.errors import NotFound
 from powerbank.system import System, start_system
 from simulators.fleet import save_credentials
@@ -39,13 +39,16 @@ def database_url(settings: Settings) -> tuple[str, EmbeddedServices | None]:
     return embedded.start_postgres(), embedded
 
 
-async def create_staff(settings: Settings, *, phone: str, role: str) -> str:
+async def create_staff(settings: Settings, *, phone: str, role: str, password: str | None = None) -> str:
+    """The operator or admin (created or promoted), with their /admin password when one is given."""
     url, embedded = await asyncio.to_thread(database_url, settings)
     await asyncio.to_thread(upgrade, url)
     db = Database(url)
     try:
         async with db.transaction() as session:
             user = await users.ensure_staff(session, phone=phone, role=Role(role))
+            if password is not None:
+                passwords.set_password(user, password, min_length=settings.admin_password_min_length)
             return f"{user.phone} (id {user.id})"
     finally:
         await db.dispose()
@@ -144,7 +147,13 @@ async def serve(settings: Settings, *, demo: bool) -> None:
                     system.settings.data_dir / "demo-cabinets.json", [c.credentials for c in cabinets]
                 )
         server = uvicorn.Server(
-            uvicorn.Config(system.app, host=settings.http_host, port=settings.http_port, log_level="info")
+            uvicorn.Config(
+                system.app,
+                host=settings.http_host,
+                port=settings.http_port,
+                log_level="info",
+                proxy_headers=False,  # client IPs: TRUSTED_PROXIES decides, not uvicorn
+            )
         )
         serving = asyncio.create_task(server.serve())
         while not server.started and not serving.done():  # noqa: ASYNC110 (uvicorn offers only a flag)

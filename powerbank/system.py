@@ -142,7 +142,7 @@ async def start_system(settings: Settings, *, check_http_port: bool = True) -> S
         db=Database(settings.database_url),
         redis=Redis.from_url(settings.redis_url),
         fleet=Fleet(settings),
-        sms=sms_backend(settings.sms_backend),
+        sms=sms_backend(settings.sms_backend, settings),
     )
     system = System(
         settings=settings,

@@ -50,6 +50,9 @@ FIRMWARE_REQUESTS = Counter(
     "powerbank_firmware_requests", "Cabinet firmware HTTP calls", ["endpoint", "result"]
 )
 LOGINS_LOCKED_OUT = Counter("powerbank_logins_locked_out", "Lock-outs")
+AUTH_FAILURES = Counter(
+    "powerbank_auth_failures", "Refused one-time codes and tokens", ["reason"]
+)  # wrong_code, no_code, locked_out, rate_limited, bad_token, refresh_reused, family_revoked, inactive
 
 
 def local_families() -> list[Metric]:

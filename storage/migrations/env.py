@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import storage.audit_models
 import storage.idempotency_models
+import storage.kyc_models
 import storage.notification_models
 import storage.payment_models
 import storage.rental_models

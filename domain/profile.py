@@ -1,0 +1,101 @@
+"""A user's own profile: name, email and avatar URL. Nothing else of the user changes here (role, KYC
+status, phone, wallet are someone else's business)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.errors import Conflict, NotFound, ValidationFailed
+from storage.models import User
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 120  # users.name
+EMAIL_MAX = 254  # users.email
+AVATAR_URL_MAX = 500  # users.avatar_url
+EDITABLE = ("name", "email", "avatar_url")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
+
+
+def plain_text(value: str, *, field: str, newlines: bool = False) -> str:
+    """Refuse control and other unprintable characters (NUL, lone surrogates, ...) that a database column
+    cannot hold or that have no business in a name, address or reason; newlines only if allowed."""
+    allowed = "\n\t" if newlines else ""
+    if any(unicodedata.category(c).startswith("C") and c not in allowed for c in value):
+        raise ValidationFailed(f"{field} cannot contain control characters.", context={"field": field})
+    return value
+
+
+def clean_name(value: str | None) -> str | None:
+    if value is None:
+        return None
+    name = plain_text(" ".join(value.split()), field="name")
+    if not name or len(name) > NAME_MAX:
+        raise ValidationFailed(f"A name is 1 to {NAME_MAX} characters.", context={"field": "name"})
+    return name
+
+
+def clean_email(value: str | None) -> str | None:
+    """Lower-cased, as logins by email look it up (`auth.normalise_identifier`)."""
+    if value is None:
+        return None
+    email = plain_text(value.strip().lower(), field="email")
+    if len(email) > EMAIL_MAX or not _EMAIL.match(email):
+        raise ValidationFailed("Not a valid email address.", context={"field": "email"})
+    return email
+
+
+def clean_avatar_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    url = plain_text(value.strip(), field="avatar_url")
+    parts = urlsplit(url) if len(url) <= AVATAR_URL_MAX else None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or any(c.isspace() for c in url)
+    ):
+        raise ValidationFailed(
+            f"avatar_url must be an http(s) URL of at most {AVATAR_URL_MAX} characters.",
+            context={"field": "avatar_url"},
+        )
+    return url
+
+
+async def update(session: AsyncSession, *, user_id: uuid.UUID, changes: dict[str, Any]) -> User:
+    """Apply the editable fields present in `changes` (None clears one); any other key is ignored."""
+    user = await session.get(User, user_id, with_for_update=True, populate_existing=True)
+    if user is None:
+        raise NotFound("User not found.")
+    fields = {k: v for k, v in changes.items() if k in EDITABLE}
+    if "name" in fields:
+        user.name = clean_name(fields["name"])
+    if "avatar_url" in fields:
+        user.avatar_url = clean_avatar_url(fields["avatar_url"])
+    if "email" in fields:
+        email = clean_email(fields["email"])
+        if email is None and user.phone is None:
+            raise ValidationFailed(
+                "You log in with this email: it cannot be removed.", context={"field": "email"}
+            )
+        if email is not None and email != user.email:
+            taken = await session.scalar(select(User.id).where(User.email == email, User.id != user.id))
+            if taken is not None:
+                raise Conflict("This email belongs to another account.", context={"field": "email"})
+        user.email = email
+    try:
+        await session.flush()
+    except IntegrityError as exc:  # the same email claimed concurrently (the transaction is rolled back)
+        raise Conflict("This email belongs to another account.", context={"field": "email"}) from exc
+    log.info("event=profile_updated user_id=%s fields=%s", user.id, ",".join(sorted(fields)))
+    return user
