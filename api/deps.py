@@ -128,7 +128,7 @@ class Paging:
 
 
 def paging(
-    page: Annotated[int, Query(ge=1)] = 1, page_size: Annotated[int, Query(ge=1, le=100)] = 20
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1, page_size: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> Paging:
     return Paging(page=page, page_size=page_size)
 
