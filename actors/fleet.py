@@ -10,7 +10,15 @@ import ray
 from ray.exceptions import RayError
 
 from actors.host import KioskHostActor
-from actors.messages import EjectOutcome, EjectUnconfirmed, KioskStatus, SlotView
+from actors.messages import (
+    CommandOutcome,
+    CommandTimedOut,
+    EjectOutcome,
+    EjectUnconfirmed,
+    KioskStatus,
+    RemoteCommand,
+    SlotView,
+)
 from actors.placement import host_names, owner
 from config import Settings
 
@@ -62,6 +70,23 @@ class Fleet:
         unconfirmed = EjectUnconfirmed(request_id=rental_id, powerbank_sn="")
         outcome: EjectOutcome = await self._ask(serial_number, "rent", rental_id, unavailable=unconfirmed)
         return outcome
+
+    async def command(self, serial_number: str, request: RemoteCommand) -> CommandOutcome:
+        """An operator's command; a host that is unreachable or died mid-call leaves its fate unknown."""
+        unknown = CommandTimedOut(
+            request_id=request.request_id, command=request.command, detail="host_unavailable"
+        )
+        outcome: CommandOutcome = await self._ask(serial_number, "command", request, unavailable=unknown)
+        return outcome
+
+    async def set_maintenance(self, serial_number: str, on: bool) -> bool:
+        """Tell the live kiosk; False when its host is unreachable (it reads the database on restart)."""
+        told: bool = await self._ask(serial_number, "set_maintenance", on, unavailable=False)
+        return told
+
+    async def remove(self, serial_number: str) -> bool:
+        removed: bool = await self._ask(serial_number, "remove", unavailable=False)
+        return removed
 
     async def frame(self, serial_number: str, kind: str, payload: bytes) -> None:
         await self.host(serial_number).on_frame.remote(serial_number, kind, payload)

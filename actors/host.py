@@ -24,13 +24,16 @@ from actors.messages import (
     CabinetConnected,
     CabinetDisconnected,
     CabinetSubscribed,
+    CommandOutcome,
     Ejected,
     EjectOutcome,
     EjectUnconfirmed,
     FrameReceived,
+    HoleEjected,
     KioskMessage,
     KioskOffline,
     KioskStatus,
+    RemoteCommand,
     SlotView,
     Tick,
     outcome_reason,
@@ -83,6 +86,7 @@ class KioskHost:
             config=self.config,
             ports=self,
             known=known,
+            maintenance=model.maintenance,
         )
 
     async def started(self) -> None:
@@ -141,14 +145,19 @@ class KioskHost:
         for kiosk in self.kiosks.values():
             kiosk.tell(CabinetDisconnected())
 
-    async def _tell(self, serial_number: str, message: KioskMessage) -> None:
+    async def _owned(self, serial_number: str) -> Kiosk | None:
+        """The station's kiosk, built from the database if it was provisioned after this host started."""
         await self.started()
         kiosk = self.kiosks.get(serial_number)
-        if kiosk is None:  # provisioned after this host started?
+        if kiosk is None:
             async with self.db.transaction() as session:
                 model = await stations.station_model(session, serial_number)
             if model is not None:
                 kiosk = self.kiosks[serial_number] = self._kiosk(model)
+        return kiosk
+
+    async def _tell(self, serial_number: str, message: KioskMessage) -> None:
+        kiosk = await self._owned(serial_number)
         if kiosk is None:
             metrics.MQTT_DROPPED.labels(reason="unknown_cabinet").inc()
             log.warning("event=message_for_unknown_cabinet station_sn=%s message=%r", serial_number, message)
@@ -182,6 +191,52 @@ class KioskHost:
                     session, rental_id=uuid.UUID(rental_id), reason=outcome_reason(outcome)
                 )
         return outcome
+
+    async def command(self, serial_number: str, request: RemoteCommand) -> CommandOutcome:
+        """An operator's command (see `Kiosk.command`); a bank ejected from its hole is recorded."""
+        kiosk = await self._owned(serial_number)
+        if kiosk is None:
+            return KioskOffline(request_id=request.request_id)
+        outcome = await kiosk.command(request)
+        if isinstance(outcome, HoleEjected) and outcome.success:
+            async with self.db.transaction() as session:
+                await stations.record_event(
+                    session,
+                    station_sn=serial_number,
+                    kind="operator_eject",
+                    payload={
+                        "request_id": request.request_id,
+                        "slot_number": outcome.hole,
+                        "powerbank_sn": outcome.powerbank_sn,
+                        "reply_lost": outcome.reply_lost,
+                    },
+                )
+                await stations.bank_taken_out(
+                    session,
+                    serial_number=serial_number,
+                    slot_number=outcome.hole,
+                    powerbank_sn=outcome.powerbank_sn,
+                )
+        return outcome
+
+    async def set_maintenance(self, serial_number: str, on: bool) -> bool:
+        """Tell the live kiosk its station is (no longer) under maintenance; False if unknown here."""
+        kiosk = await self._owned(serial_number)
+        if kiosk is None:
+            return False
+        await kiosk.set_maintenance(on)
+        return True
+
+    async def remove(self, serial_number: str) -> bool:
+        """The station was deleted: drop its kiosk and its live summary; whether there was a kiosk."""
+        await self.started()
+        kiosk = self.kiosks.pop(serial_number, None)
+        if kiosk is not None:
+            kiosk.stop()
+        await self.redis.delete(live_key(serial_number))
+        await self.redis.zrem(stations.GEO_AVAILABLE_KEY, serial_number)
+        log.info("event=kiosk_removed station_sn=%s had_kiosk=%s", serial_number, kiosk is not None)
+        return kiosk is not None
 
     async def status(self, serial_number: str) -> KioskStatus | None:
         await self.started()

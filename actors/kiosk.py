@@ -29,11 +29,16 @@ from actors.messages import (
     CabinetConnected,
     CabinetDisconnected,
     CabinetSubscribed,
+    CommandOutcome,
+    CommandRefused,
+    CommandSent,
+    CommandTimedOut,
     Ejected,
     EjectOutcome,
     EjectRefused,
     EjectUnconfirmed,
     FrameReceived,
+    HoleEjected,
     KioskBusy,
     KioskMessage,
     KioskNotReady,
@@ -41,8 +46,10 @@ from actors.messages import (
     KioskStatus,
     KioskTimedOut,
     NoPowerBank,
+    RemoteCommand,
     RequestWithdrawn,
     SlotView,
+    SnapshotTaken,
     Tick,
     outcome_reason,
 )
@@ -140,8 +147,11 @@ class Slot:
             and (self.temperature is None or self.temperature <= config.max_temperature_c)
         )
 
-    def view(self, config: KioskConfig) -> SlotView:
-        if self.state >= rentbox.HoleState.CHARGING_FAULT or self.quarantined_until > time.monotonic():
+    def view(self, config: KioskConfig, *, maintenance: bool = False) -> SlotView:
+        """Under maintenance every hole shows MAINTENANCE and nothing is rentable."""
+        if maintenance:
+            status = "MAINTENANCE"
+        elif self.state >= rentbox.HoleState.CHARGING_FAULT or self.quarantined_until > time.monotonic():
             status = "ERROR"
         elif self.powerbank_sn is None:
             status = "AVAILABLE"
@@ -154,7 +164,7 @@ class Slot:
             powerbank_sn=self.powerbank_sn,
             battery_level=self.soc,
             temperature=self.temperature,
-            rentable=self.rentable(config),
+            rentable=self.rentable(config) and not maintenance,
         )
 
 
@@ -163,6 +173,12 @@ class _PendingEject:
     request_id: str
     powerbank_sn: str
     reply: asyncio.Future[rentbox.EjectBySnResult]
+
+
+@dataclass
+class _PendingHoleEject:
+    hole: int
+    reply: asyncio.Future[rentbox.EjectByHoleResult]
 
 
 class Kiosk:
@@ -175,9 +191,12 @@ class Kiosk:
         config: KioskConfig,
         ports: KioskPorts,
         known: Mapping[int, tuple[str, int | None]] | None = None,
+        maintenance: bool = False,
     ) -> None:
-        """`known`: the holes' last durable state ({hole: (sn, soc)}), when a host rebuilds this kiosk."""
+        """`known`: the holes' last durable state ({hole: (sn, soc)}), when a host rebuilds this kiosk.
+        `maintenance`: the station is out of service (its slots show MAINTENANCE, nothing is rentable)."""
         self.serial_number = serial_number
+        self.maintenance = maintenance
         self.holes_per_board = holes_per_board
         self.config = config
         self.ports = ports
@@ -193,6 +212,7 @@ class Kiosk:
         self._eject_lock = asyncio.Lock()
         self._waiting = 0
         self._pending: _PendingEject | None = None
+        self._pending_hole: _PendingHoleEject | None = None
         self._current: str | None = None  # the request holding the eject lock
         self._current_sn: str | None = None  # ... and the bank it is ejecting
         # Banks of unconfirmed ejects: reserved until a snapshot settles them.
@@ -216,6 +236,12 @@ class Kiosk:
     async def drained(self) -> None:
         """Wait until every message told so far has been handled (for tests and shutdown)."""
         await self._mailbox.join()
+
+    def stop(self) -> None:
+        """The station was removed: stop handling messages."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
 
     async def _run(self) -> None:
         while True:
@@ -287,10 +313,12 @@ class Kiosk:
                 await self._on_snapshot(snapshot)
             case rentbox.EjectBySnResult() as result:
                 self._on_eject_result(result)
+            case rentbox.EjectByHoleResult() as hole_result:
+                self._on_hole_result(hole_result)
             case rentbox.ReturnEvent() as event:
                 await self._on_return(event)
             case _:
-                pass  # heartbeats only keep the cabinet alive; 0x21/0x28 need no action here
+                pass  # heartbeats only keep the cabinet alive; 0x28 needs no action here
 
     def _banks(self) -> set[str]:
         return {s.powerbank_sn for s in self.slots.values() if s.powerbank_sn}
@@ -364,6 +392,18 @@ class Kiosk:
             return
         pending.reply.set_result(result)
 
+    def _on_hole_result(self, result: rentbox.EjectByHoleResult) -> None:
+        pending = self._pending_hole
+        if pending is None or pending.reply.done() or result.hole != pending.hole:
+            log.warning(
+                "event=unexpected_hole_eject_result station_sn=%s hole=%s state=0x%02X",
+                self.serial_number,
+                result.hole,
+                result.state,
+            )
+            return
+        pending.reply.set_result(result)
+
     async def _on_return(self, event: rentbox.ReturnEvent) -> None:
         if not event.success or event.sn is None:
             log.warning(
@@ -398,7 +438,14 @@ class Kiosk:
         )
 
     def slot_views(self) -> list[SlotView]:
-        return [s.view(self.config) for s in self.slots.values()]
+        return [s.view(self.config, maintenance=self.maintenance) for s in self.slots.values()]
+
+    async def set_maintenance(self, on: bool) -> None:
+        """The operator took the station out of service (or put it back): its slots show MAINTENANCE.
+        The counts in `status()` stay what the holes hold; the domain refuses rentals at the station."""
+        self.maintenance = on
+        log.info("event=kiosk_maintenance station_sn=%s on=%s", self.serial_number, on)
+        await self.ports.status_changed(self.status())
 
     @property
     def in_flight(self) -> str | None:
@@ -547,3 +594,154 @@ class Kiosk:
         finally:
             self._pending = None
             metrics.COMMANDS_IN_FLIGHT.dec()
+
+    # --- RemoteCommand (operators) ---------------------------------------------------------------------
+    async def command(self, request: RemoteCommand) -> CommandOutcome:
+        """An operator's command: `check` and `eject_hole` wait for their reply frame (EJECT_TIMEOUT_S);
+        the others are done once published to the connected cabinet. Every command is sent once."""
+        log.info(
+            "event=remote_command station_sn=%s request_id=%s command=%s",
+            self.serial_number,
+            request.request_id,
+            request.command,
+        )
+        if request.command == "eject_hole":
+            return await self._eject_hole(request)
+        if not self.online:
+            return KioskOffline(request_id=request.request_id)
+        if request.command == "check":
+            return await self._check(request)
+        try:
+            payload = _no_reply_payload(request)
+        except (rentbox.CommandError, ValueError) as exc:
+            return CommandRefused(request_id=request.request_id, reason=str(exc))
+        await self.ports.publish(self.serial_number, payload)
+        return CommandSent(request_id=request.request_id, command=request.command)
+
+    async def _check(self, request: RemoteCommand) -> CommandOutcome:
+        snapshot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._snapshot_waiters.append(snapshot)
+        await self.ports.publish(self.serial_number, rentbox.check())
+        await asyncio.wait({snapshot}, timeout=self.config.eject_timeout_s)
+        if not snapshot.done():
+            snapshot.cancel()
+            return CommandTimedOut(request_id=request.request_id, command="check", detail="no_reply")
+        return SnapshotTaken(request_id=request.request_id, slots=tuple(self.slot_views()))
+
+    async def _eject_hole(self, request: RemoteCommand) -> CommandOutcome:
+        """Eject whatever one hole holds, under the same discipline as a rental's eject: queued behind
+        any eject in flight, sent once at QoS 0, and no reply in time → `check` decides, never a resend."""
+        request_id = request.request_id
+        slot = self.slots.get(request.hole or 0)
+        if slot is None:
+            return CommandRefused(request_id=request_id, reason=f"hole must be 1..{len(self.slots)}")
+        if not self.online:
+            return KioskOffline(request_id=request_id)
+        if not self.ready:
+            return KioskNotReady(request_id=request_id)
+        if self._waiting >= self.config.eject_queue_limit:
+            return KioskBusy(request_id=request_id)
+        self._waiting += 1
+        try:
+            await self._eject_lock.acquire()
+        finally:
+            self._waiting -= 1
+        self._current = request_id
+        try:
+            if not self.online:
+                return KioskOffline(request_id=request_id)
+            sn = slot.powerbank_sn
+            if sn is not None and sn in self._unresolved:
+                return CommandRefused(
+                    request_id=request_id,
+                    reason="its bank awaits an unconfirmed rental eject",
+                )
+            outcome = await self._eject_hole_once(slot, sn, request_id)
+            log.info(
+                "event=hole_eject_outcome station_sn=%s request_id=%s hole=%s outcome=%r",
+                self.serial_number,
+                request_id,
+                slot.number,
+                outcome,
+            )
+            await self.ports.status_changed(self.status())
+            return outcome
+        finally:
+            self._current = self._current_sn = None
+            self._eject_lock.release()
+
+    async def _eject_hole_once(self, slot: Slot, sn: str | None, request_id: str) -> CommandOutcome:
+        if sn is not None:
+            slot.reserved = True
+            self._current_sn = sn
+
+        def ejected(state: int, *, reply_lost: bool) -> HoleEjected:
+            if slot.powerbank_sn in (sn, None):
+                slot.empty()
+            else:
+                slot.reserved = False
+            return HoleEjected(
+                request_id=request_id,
+                hole=slot.number,
+                success=True,
+                state=state,
+                powerbank_sn=sn,
+                reply_lost=reply_lost,
+            )
+
+        result, snapshot_seen = await self._popup_and_wait(slot.number)
+        if result is not None:
+            metrics.EJECT_RESULTS.labels(code=f"0x{result.state:02X}").inc()
+            if result.success:
+                return ejected(result.state, reply_lost=False)
+            slot.reserved = False
+            return HoleEjected(
+                request_id=request_id, hole=slot.number, success=False, state=result.state, powerbank_sn=sn
+            )
+        if not snapshot_seen:
+            if sn is not None:  # its fate is unknown: reserved until a snapshot tells (see _on_snapshot)
+                self._unresolved.add(sn)
+            return CommandTimedOut(request_id=request_id, command="eject_hole", detail="no_reply_no_snapshot")
+        if sn is not None and slot.powerbank_sn != sn:
+            return ejected(rentbox.EjectState.SUCCESS, reply_lost=True)
+        slot.reserved = False
+        detail = "no_reply_bank_still_in_hole" if sn is not None else "no_reply"
+        return CommandTimedOut(request_id=request_id, command="eject_hole", detail=detail)
+
+    async def _popup_and_wait(self, hole: int) -> tuple[rentbox.EjectByHoleResult | None, bool]:
+        """Send `popup` once and wait for its 0x21; if none comes in time, ask for a snapshot and wait for
+        whichever comes first, the snapshot or the late 0x21. Returns (the 0x21 or None, snapshot seen)."""
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[rentbox.EjectByHoleResult] = loop.create_future()
+        self._pending_hole = _PendingHoleEject(hole=hole, reply=reply)
+        metrics.COMMANDS_IN_FLIGHT.inc()
+        try:
+            await self.ports.publish(self.serial_number, rentbox.popup(hole, timestamp=self._timestamp()))
+            await asyncio.wait({reply}, timeout=self.config.eject_timeout_s)
+            if reply.done():
+                return reply.result(), False
+            snapshot: asyncio.Future[None] = loop.create_future()
+            self._snapshot_waiters.append(snapshot)
+            await self.ports.publish(self.serial_number, rentbox.check())
+            either: set[asyncio.Future[Any]] = {reply, snapshot}
+            await asyncio.wait(either, timeout=self.config.eject_timeout_s, return_when=FIRST_COMPLETED)
+            return (reply.result() if reply.done() else None), snapshot.done()
+        finally:
+            self._pending_hole = None
+            metrics.COMMANDS_IN_FLIGHT.dec()
+
+
+def _no_reply_payload(request: RemoteCommand) -> bytes:
+    """The JSON of a command that has no reply frame (rentbox-v1.md section 2)."""
+    match request.command:
+        case "reboot":
+            return rentbox.reboot()
+        case "volume" if request.level is not None:
+            return rentbox.volume(request.level)
+        case "wifi" if request.ssid is not None and request.password is not None:
+            return rentbox.set_wifi(request.ssid, request.password)
+        case "mode" if request.mode is not None:
+            return rentbox.set_mode(request.mode)
+        case "firmware_push":
+            return rentbox.push_version_publish()
+    raise ValueError(f"{request.command} is not a command with these arguments")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 # --- messages into a kiosk's mailbox (events are past tense) ---------------------------------------
@@ -135,6 +135,78 @@ def outcome_reason(outcome: EjectOutcome) -> str:
             return "unconfirmed"
         case RequestWithdrawn():
             return "withdrawn"
+
+
+# --- RemoteCommand: an operator's command to a cabinet, and its outcomes ------------------------------
+COMMANDS = ("check", "eject_hole", "reboot", "volume", "wifi", "mode", "firmware_push")
+"""What an operator may send. `check` waits for the 0x10 snapshot and `eject_hole` for the 0x21 result;
+the others have no reply frame (rentbox-v1.md section 2) and are done once published."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoteCommand:
+    request_id: str
+    command: str  # one of COMMANDS
+    hole: int | None = None  # eject_hole
+    level: int | None = None  # volume 0..100
+    ssid: str | None = None  # wifi
+    password: str | None = field(default=None, repr=False)  # wifi: never logged
+    mode: str | None = None  # mode: wifi or 4g
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandSent:
+    """A command without a reply frame was published to the connected cabinet."""
+
+    request_id: str
+    command: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotTaken:
+    """`check` answered: the holes as the cabinet's 0x10 reported them."""
+
+    request_id: str
+    slots: tuple[SlotView, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HoleEjected:
+    """`eject_hole` answered by a 0x21 (or, reply lost, by a snapshot showing the hole emptied)."""
+
+    request_id: str
+    hole: int
+    success: bool
+    state: int  # the 0x21 state byte (0x01 success)
+    powerbank_sn: str | None  # what the hole held
+    reply_lost: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandTimedOut:
+    request_id: str
+    command: str
+    detail: str  # no_reply, no_reply_bank_still_in_hole, no_reply_no_snapshot, host_unavailable
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandRefused:
+    """Not sent: arguments the cabinet cannot take, or a hole whose bank an unconfirmed rental holds."""
+
+    request_id: str
+    reason: str
+
+
+CommandOutcome = (
+    CommandSent
+    | SnapshotTaken
+    | HoleEjected
+    | CommandTimedOut
+    | CommandRefused
+    | KioskOffline
+    | KioskNotReady
+    | KioskBusy
+)
 
 
 # --- queries ------------------------------------------------------------------------------------------

@@ -3,11 +3,23 @@ what the live fleet must learn of it, in one place."""
 
 from __future__ import annotations
 
+import logging
+
 from api.deps import Services
 from domain import audit, stations
 from storage.models import Station, User
 
-STATION_AUDIT_FIELDS = ("serial_number", "name", "address", "latitude", "longitude", "status")
+log = logging.getLogger(__name__)
+STATION_AUDIT_FIELDS = (
+    "serial_number",
+    "name",
+    "address",
+    "latitude",
+    "longitude",
+    "status",
+    "opening_time",
+    "closing_time",
+)
 
 
 async def set_maintenance(
@@ -27,4 +39,8 @@ async def set_maintenance(
             after=audit.snapshot(station, STATION_AUDIT_FIELDS),
             ip=ip,
         )
+    # After the commit: the database is the truth (a restarted host reads it); the live kiosk follows.
+    told = await svc.fleet.set_maintenance(serial_number, on)
+    if not told:
+        log.warning("event=maintenance_not_told station_sn=%s on=%s", serial_number, on)
     return station

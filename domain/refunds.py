@@ -176,3 +176,41 @@ async def process(session: AsyncSession, *, refund_id: uuid.UUID) -> Refund:
     )
     log.info("event=refund_processed refund_id=%s amount=%s", refund.id, refund.amount)
     return refund
+
+
+async def by_operator(
+    session: AsyncSession, *, rental_id: uuid.UUID, amount: Decimal, reason: str, operator_id: uuid.UUID
+) -> Refund:
+    """An operator gives (part of) a completed rental's payment back at once: a refund approved by them
+    and processed in this transaction (REFUND entries with reference `refund:<id>`: the money moves once).
+    More than the rental can still refund is ValidationFailed."""
+    rental = await rentals.get(session, rental_id, lock=True)
+    if rental.status != RentalStatus.COMPLETED:
+        raise InvalidState(
+            "Refunds are for completed rentals.",
+            context={"rental_id": str(rental.id), "status": rental.status.value},
+        )
+    amount = money(amount)
+    available = await refundable(session, rental)
+    if amount > available:
+        raise ValidationFailed(
+            "The amount is more than this rental can refund.",
+            context={"amount": str(amount), "refundable": str(available)},
+        )
+    now = datetime.now(UTC)
+    refund = Refund(
+        user_id=rental.user_id,
+        rental_id=rental.id,
+        amount=amount,
+        reason=reason,
+        status=RefundStatus.APPROVED,
+        review_reason=reason,
+        reviewed_by=operator_id,
+        requested_at=now,
+        reviewed_at=now,
+    )
+    session.add(refund)
+    await session.flush()
+    await process(session, refund_id=refund.id)
+    log.info("event=refund_by_operator refund_id=%s rental_id=%s amount=%s", refund.id, rental.id, amount)
+    return refund

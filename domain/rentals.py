@@ -36,7 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from config import Settings, get_settings
-from domain import notifications, stations, wallet
+from domain import kyc, notifications, stations, wallet
 from domain.errors import (
     ActiveRentalExists,
     InsufficientBalance,
@@ -159,6 +159,8 @@ async def begin(
         raise NotFound("Package not found.", context={"package_id": package_id})
     if await open_rental(session, user_id) is not None:
         raise ActiveRentalExists()
+    if settings.kyc_required_to_rent:
+        await kyc.require_approved(session, user_id)
     owing = await session.scalar(
         select(Rental).where(Rental.user_id == user_id, Rental.overdue_amount > 0).limit(1)
     )
@@ -1231,3 +1233,88 @@ async def activate_late_fee_configuration(session: AsyncSession, config_id: int)
     await session.refresh(row)
     log.info("event=late_fee_configuration_active id=%s fee_type=%s", row.id, row.fee_type.value)
     return row
+
+
+# --- operators ----------------------------------------------------------------------------------------
+
+
+async def admin_page(
+    session: AsyncSession,
+    *,
+    page: int,
+    page_size: int,
+    status: RentalStatus | None = None,
+    user_id: uuid.UUID | None = None,
+    station_sn: str | None = None,
+) -> tuple[list[Rental], int]:
+    """Every user's rentals for operators, newest first, optionally filtered."""
+    where = []
+    if status is not None:
+        where.append(Rental.status == status)
+    if user_id is not None:
+        where.append(Rental.user_id == user_id)
+    if station_sn is not None:
+        station_id = select(Station.id).where(Station.serial_number == station_sn).scalar_subquery()
+        where.append(Rental.station_id == station_id)
+    count = await session.scalar(select(func.count()).select_from(Rental).where(*where)) or 0
+    rows = await session.scalars(
+        select(Rental)
+        .where(*where)
+        .order_by(Rental.created_at.desc(), Rental.id)
+        .offset((page - 1) * page_size)
+        .limit(page_size)
+    )
+    return list(rows.unique().all()), count
+
+
+async def force_complete(
+    session: AsyncSession,
+    *,
+    rental_id: uuid.UUID,
+    at: datetime,
+    return_station_sn: str | None,
+    late_fee_per_hour: Decimal,
+) -> Returned:
+    """An operator ends an ACTIVE/OVERDUE rental (e.g. the bank was handed back): charged by the same
+    rules and ledger references as a 0x40 return, so it moves money once, and a later 0x40 of that bank
+    finds no open rental. Anything else (already ended, or its eject still unconfirmed) is InvalidState."""
+    return_station = await stations.by_serial(session, return_station_sn) if return_station_sn else None
+    probe = await get(session, rental_id)
+    bank = (
+        await session.get(PowerBank, probe.powerbank_sn, with_for_update=True) if probe.powerbank_sn else None
+    )  # bank before rental, as a return takes them
+    rental = await get(session, rental_id, lock=True)
+    if rental.status not in (RentalStatus.ACTIVE, RentalStatus.OVERDUE):
+        raise InvalidState(
+            f"Only an ACTIVE or OVERDUE rental can be completed; this one is {rental.status.value}.",
+            context={"rental_id": str(rental.id), "status": rental.status.value},
+        )
+    rule = await active_late_fee_rule(session) or LateFeeRule.flat(late_fee_per_hour)
+    lines = await _lines(session, rental.id)
+    await _assess_end(session, rental, lines, ended_at=at, rule=rule)
+    rental.status = RentalStatus.COMPLETED
+    rental.ended_at = at
+    rental.return_station = return_station
+    charged = await _close(session, rental, lines, stage="return")
+    if bank is not None:
+        bank.rented_by = None
+        bank.station_id = return_station.id if return_station is not None else None
+        bank.slot_number = None
+    await notifications.rental_returned(
+        session,
+        user_id=rental.user_id,
+        rental_id=rental.id,
+        rental_code=rental.rental_code,
+        station_sn=return_station_sn or rental.station.serial_number,
+        charged=charged,
+        due=rental.overdue_amount,
+    )
+    RENTALS.labels(outcome="completed").inc()
+    log.info(
+        "event=rental_force_completed rental_id=%s return_station_sn=%s charged=%s due=%s",
+        rental.id,
+        return_station_sn,
+        charged,
+        rental.overdue_amount,
+    )
+    return Returned(rental_id=rental.id, user_id=rental.user_id, charged=charged, due=rental.overdue_amount)

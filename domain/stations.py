@@ -15,12 +15,13 @@ from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from redis.asyncio import Redis
-from sqlalchemy import delete, func, literal, select
+from sqlalchemy import delete, func, literal, or_, select
+from sqlalchemy import update as update_
 from sqlalchemy.dialects.postgresql import aggregate_order_by, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.errors import Conflict, InvalidState, NotFound, RateLimited
-from storage.models import DeviceEvent, PowerBank, Slot, Station, StationStatus
+from storage.models import OPEN_RENTAL_STATUSES, DeviceEvent, PowerBank, Rental, Slot, Station, StationStatus
 from storage.station_models import StationFavorite, StationIssueReport, StationIssueType
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,70 @@ async def set_maintenance(session: AsyncSession, serial_number: str, *, on: bool
     station.status = StationStatus.MAINTENANCE if on else StationStatus.ACTIVE
     await session.flush()
     return station
+
+
+STATION_FIELDS = ("name", "address", "latitude", "longitude", "opening_time", "closing_time")
+
+
+async def update(session: AsyncSession, serial_number: str, **changes: object) -> Station:
+    """Change a station's descriptive fields (`STATION_FIELDS`); the caller re-syncs the geo index."""
+    station = await by_serial(session, serial_number, lock=True)
+    for name, value in changes.items():
+        if name not in STATION_FIELDS:
+            raise ValueError(f"{name} is not a station field an operator may change")
+        setattr(station, name, value)
+    await session.flush()
+    return station
+
+
+async def delete_station(session: AsyncSession, serial_number: str) -> Station:
+    """Remove a station that never had a rental. With open rentals, or with a rental history (rentals
+    keep their station), it is refused: put the station in maintenance instead."""
+    station = await by_serial(session, serial_number, lock=True)
+    open_count = await session.scalar(
+        select(func.count())
+        .select_from(Rental)
+        .where(
+            or_(Rental.station_id == station.id, Rental.return_station_id == station.id),
+            Rental.status.in_(OPEN_RENTAL_STATUSES),
+        )
+    )
+    if open_count:
+        raise Conflict(
+            f"Station {serial_number} has open rentals: end them first.",
+            context={"serial_number": serial_number, "open_rentals": open_count},
+        )
+    any_rental = await session.scalar(
+        select(Rental.id)
+        .where(or_(Rental.station_id == station.id, Rental.return_station_id == station.id))
+        .limit(1)
+    )
+    if any_rental is not None:
+        raise Conflict(
+            f"Station {serial_number} has a rental history, which keeps it: put it in maintenance instead.",
+            context={"serial_number": serial_number},
+        )
+    await session.delete(station)
+    await session.flush()
+    return station
+
+
+async def bank_taken_out(
+    session: AsyncSession, *, serial_number: str, slot_number: int, powerbank_sn: str | None
+) -> None:
+    """An operator ejected a hole: the hole is empty and its bank is in nobody's cabinet."""
+    station = await by_serial(session, serial_number)
+    await session.execute(
+        update_(Slot)
+        .where(Slot.station_id == station.id, Slot.slot_number == slot_number)
+        .values(powerbank_sn=None, state=0, updated_at=datetime.now(UTC))
+    )
+    if powerbank_sn:
+        await session.execute(
+            update_(PowerBank)
+            .where(PowerBank.serial_number == powerbank_sn, PowerBank.station_id == station.id)
+            .values(station_id=None, slot_number=None, updated_at=datetime.now(UTC))
+        )
 
 
 async def durable_views(

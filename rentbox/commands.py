@@ -67,11 +67,14 @@ def popup_sn(sn: str, *, timestamp: int | None = None, ttl: int | None = None) -
     return encode_command("popup_sn", **fields)
 
 
-def popup(hole: int, *, io: int = 0) -> bytes:
-    """Eject whatever is in this hole (1-80; reply 0x21)."""
+def popup(hole: int, *, io: int = 0, timestamp: int | None = None) -> bytes:
+    """Eject whatever is in this hole (1-80; reply 0x21). The firmware ignores ``timestamp``."""
     if not 1 <= hole <= MAX_HOLE:
         raise CommandError(f"hole must be 1..{MAX_HOLE}, got {hole}")
-    return encode_command("popup", data=str(hole), io=str(io))
+    fields = {"data": str(hole), "io": str(io)}
+    if timestamp is not None:
+        fields["timestamp"] = str(timestamp)
+    return encode_command("popup", **fields)
 
 
 def reboot() -> bytes:

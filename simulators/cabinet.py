@@ -7,7 +7,9 @@ Behaviour (rentbox-v1.md): it connects with client id = its SN, subscribes to ``
 with QoS 0, answers ``check`` / ``check_all`` / ``upload_all`` with a 0x10 snapshot, ``popup_sn`` with
 0x31 and ``popup`` with 0x21 on ``/user/update``, sends a 0x7A heartbeat on ``/user/heart`` on connect
 and every ``heartbeat_s``, and a periodic 0x10 on ``/user/upload``. ``reboot`` drops the connection and
-reconnects, as the firmware does; a lost connection is re-established with backoff. Every publish is
+reconnects, as the firmware does; ``volume``, ``setWifi``, ``setMode``, ``push_version_publish`` and
+``load_ad`` have no reply and are applied to :attr:`settings` (the Wi-Fi password too, so tests can check
+it arrived; it is never logged); a lost connection is re-established with backoff. Every publish is
 QoS 0. Unknown commands are logged and ignored.
 
 Like the firmware, a command that arrives twice (e.g. a broker redelivery) is executed twice, and
@@ -355,6 +357,10 @@ class SimulatedCabinet:
         self.physical_ejects: list[tuple[str, str]] = []
         """``(command payload, power-bank SN)`` of every physical eject, in order."""
         self.commands: list[dict[str, str]] = []
+        self.settings: dict[str, str] = {}
+        """What the no-reply commands set: ``volume``, ``wifi_ssid``, ``wifi_password``, ``mode``."""
+        self.firmware_updates = 0
+        self.ad_reloads = 0
         self._received: collections.Counter[str] = collections.Counter()
         self._faults = faults if faults is not None else Faults()
         self._faults_assigned = asyncio.Event()
@@ -376,6 +382,11 @@ class SimulatedCabinet:
             "popup_sn": self._on_popup_sn,
             "popup": self._on_popup,
             "reboot": self._on_reboot,
+            "volume": self._on_volume,
+            "setWifi": self._on_set_wifi,
+            "setMode": self._on_set_mode,
+            "push_version_publish": self._on_firmware_update,
+            "load_ad": self._on_load_ad,
         }
         self._client: MQTTClient | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -736,6 +747,31 @@ class SimulatedCabinet:
     async def _on_reboot(self, command: _Command) -> None:
         log.info("event=cabinet_rebooting station_sn=%s", self.sn)
         self._reboot_requested = True
+
+    async def _on_volume(self, command: _Command) -> None:
+        level = command.fields.get("data", "")
+        if level.isdigit() and 0 <= int(level) <= 100:
+            self.settings["volume"] = level
+        else:
+            log.warning("event=cabinet_bad_volume station_sn=%s data=%r", self.sn, level)
+
+    async def _on_set_wifi(self, command: _Command) -> None:
+        ssid = command.fields.get("username", "")
+        if ssid:
+            self.settings["wifi_ssid"] = ssid
+            self.settings["wifi_password"] = command.fields.get("password", "")
+        log.info("event=cabinet_wifi_set station_sn=%s ssid=%r", self.sn, ssid)
+
+    async def _on_set_mode(self, command: _Command) -> None:
+        mode = command.fields.get("data", "")
+        if mode in ("wifi", "4g"):
+            self.settings["mode"] = mode
+
+    async def _on_firmware_update(self, command: _Command) -> None:
+        self.firmware_updates += 1
+
+    async def _on_load_ad(self, command: _Command) -> None:
+        self.ad_reloads += 1
 
     def _eject_sn(self, sn: str, command: _Command) -> _EjectOutcome:
         """Physically eject ``sn`` (or, for a repeated command whose bank already came out, the next-best
