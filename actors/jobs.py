@@ -177,7 +177,7 @@ class Scheduler:
             settings=settings,
             db=Database(settings.database_url, pool_size=2),
             push=fcm_client(settings),
-            sms=sms_backend(settings.sms_backend),
+            sms=sms_backend(settings.sms_backend, settings),
         )
         self.state: dict[str, JobState] = {name: JobState() for name in self.jobs}
         self._loops: dict[str, asyncio.Task[None]] = {}

@@ -12,6 +12,8 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 import api.routers
+from api import limits
+from api.admin_ui import mount_admin
 from api.deps import Services
 from api.envelope import install_error_handlers
 from domain import rentals as rental_rules
@@ -35,8 +37,14 @@ def create_app(
     )
     app.state.services = services
     install_error_handlers(app)
+    limits.install(
+        app,
+        max_body_bytes=services.settings.http_max_body_bytes,
+        max_upload_bytes=services.settings.http_max_upload_bytes,
+    )
     for router in routers():
         app.include_router(router)
+    mount_admin(app, services)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

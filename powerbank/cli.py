@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from enum import StrEnum
 from typing import Annotated
 
@@ -73,17 +74,45 @@ class StaffRole(StrEnum):
 def admin_create(
     phone: Annotated[str, typer.Option(help="Phone number, E.164 (e.g. +9779812345678).")],
     role: Annotated[StaffRole, typer.Option(help="admin or operator.")] = StaffRole.operator,
+    password: Annotated[
+        bool,
+        typer.Option(
+            "--password",
+            help="Ask for a password for the /admin web UI (hidden, typed twice). No option takes the "
+            "password itself: it would land in the shell history.",
+        ),
+    ] = False,
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin", help="Read the /admin password from the first line of stdin (scripts)."
+        ),
+    ] = False,
 ) -> None:
-    """Create an operator or admin (or promote an existing user). They log in with a one-time code."""
+    """Create an operator or admin (or promote an existing user; run again to change the role or password).
+
+    They log in to the API with a one-time code, and to the /admin web UI with their password."""
+    from domain import passwords
     from domain.errors import DomainError
     from powerbank.serve import create_staff
 
     _logging("WARNING")
+    settings = Settings()
+    secret: str | None = None
+    if password and password_stdin:
+        _fail("use --password or --password-stdin, not both.")
+    if password:
+        secret = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    elif password_stdin:
+        secret = sys.stdin.readline().rstrip("\r\n")
     try:
-        user = asyncio.run(create_staff(Settings(), phone=phone, role=role.value))
+        if secret is not None:
+            passwords.check_policy(secret, min_length=settings.admin_password_min_length)
+        user = asyncio.run(create_staff(settings, phone=phone, role=role.value, password=secret))
     except DomainError as exc:
         _fail(exc.message)
-    console.print(f"[green]{role.value} {user} ready.[/green] Log in with POST /api/auth/otp/request.")
+    web = "/admin with the password, or " if secret is not None else ""
+    console.print(f"[green]{role.value} {user} ready.[/green] Log in to {web}the API by code.")
 
 
 def _register_commands() -> None:

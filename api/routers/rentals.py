@@ -80,7 +80,11 @@ async def _start_rental(body: RentIn, user: User, svc: Services) -> Envelope[Ren
         raise NoPowerBankAvailable(context={"station_sn": body.station_sn})
     async with svc.db.transaction() as session:
         rental = await rentals.begin(
-            session, user_id=user.id, station_sn=body.station_sn, package_id=body.package_id
+            session,
+            user_id=user.id,
+            station_sn=body.station_sn,
+            package_id=body.package_id,
+            settings=svc.settings,
         )
     outcome = await svc.fleet.rent(body.station_sn, str(rental.id))
     if not isinstance(outcome, Ejected):
