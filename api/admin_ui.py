@@ -330,6 +330,20 @@ class ReadOnly(ModelView):
     can_import = False
     page_size = 25
 
+    async def enrich(self, request: Request, rows: Sequence[Any]) -> None:
+        """Load what the shown rows' formatters need beyond the rows themselves (one query per page)."""
+
+    async def list(self, request: Request) -> Pagination:
+        page = await super().list(request)
+        await self.enrich(request, page.rows)
+        return page
+
+    async def get_object_for_details(self, request: Request) -> Any:
+        obj = await super().get_object_for_details(request)
+        if obj is not None:
+            await self.enrich(request, [obj])
+        return obj
+
 
 class StationAdmin(ReadOnly, model=Station):
     """Live state from the hosts' summaries in Redis (one round trip per page, like the API's list)."""
@@ -366,19 +380,8 @@ class StationAdmin(ReadOnly, model=Station):
     column_formatters = {"state": _state, "available": _available, "empty": _empty}
     column_formatters_detail = column_formatters
 
-    async def _load_live(self, request: Request, stations: Sequence[Station]) -> None:
-        request.state.live = await read_live(_services(request).redis, [s.serial_number for s in stations])
-
-    async def list(self, request: Request) -> Pagination:
-        page = await super().list(request)
-        await self._load_live(request, page.rows)
-        return page
-
-    async def get_object_for_details(self, request: Request) -> Any:
-        station = await super().get_object_for_details(request)
-        if station is not None:
-            await self._load_live(request, [station])
-        return station
+    async def enrich(self, request: Request, rows: Sequence[Station]) -> None:
+        request.state.live = await read_live(_services(request).redis, [s.serial_number for s in rows])
 
     @action(
         name="maintenance-on",
@@ -564,22 +567,11 @@ class AuditAdmin(ReadOnly, model=AuditEntry):
     column_searchable_list = [AuditEntry.action, AuditEntry.target_id]
     column_default_sort = [(AuditEntry.id, True)]  # newest first
 
-    async def _load_actors(self, request: Request, entries: Sequence[AuditEntry]) -> None:
-        ids = {e.actor_id for e in entries if e.actor_id is not None}
+    async def enrich(self, request: Request, rows: Sequence[AuditEntry]) -> None:
+        ids = {e.actor_id for e in rows if e.actor_id is not None}
         async with _services(request).db.transaction() as session:
-            rows = (await session.execute(select(User.id, User.phone).where(User.id.in_(ids)))).all()
-        request.state.actor_phones = {user_id: phone or "" for user_id, phone in rows}
-
-    async def list(self, request: Request) -> Pagination:
-        page = await super().list(request)
-        await self._load_actors(request, page.rows)
-        return page
-
-    async def get_object_for_details(self, request: Request) -> Any:
-        entry = await super().get_object_for_details(request)
-        if entry is not None:
-            await self._load_actors(request, [entry])
-        return entry
+            found = (await session.execute(select(User.id, User.phone).where(User.id.in_(ids)))).all()
+        request.state.actor_phones = {user_id: phone or "" for user_id, phone in found}
 
 
 VIEWS: tuple[type[ModelView], ...] = (StationAdmin, RentalAdmin, UserAdmin, KycAdmin, AuditAdmin)

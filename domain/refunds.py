@@ -40,10 +40,8 @@ async def refundable(session: AsyncSession, rental: Rental) -> Decimal:
     return money(max(Decimal("0.00"), rental.amount_paid - Decimal(asked or 0)))
 
 
-async def request(
-    session: AsyncSession, *, user_id: uuid.UUID, rental_id: uuid.UUID, amount: Decimal, reason: str
-) -> Refund:
-    rental = await rentals.owned(session, rental_id, user_id, lock=True)
+async def _refundable_amount(session: AsyncSession, rental: Rental, amount: Decimal) -> Decimal:
+    """`amount` rounded to money, if the rental is completed and can still refund that much."""
     if rental.status != RentalStatus.COMPLETED:
         raise InvalidState(
             "Refunds are for completed rentals.",
@@ -56,6 +54,14 @@ async def request(
             "The amount is more than this rental can refund.",
             context={"amount": str(amount), "refundable": str(available)},
         )
+    return amount
+
+
+async def request(
+    session: AsyncSession, *, user_id: uuid.UUID, rental_id: uuid.UUID, amount: Decimal, reason: str
+) -> Refund:
+    rental = await rentals.owned(session, rental_id, user_id, lock=True)
+    amount = await _refundable_amount(session, rental, amount)
     refund = Refund(
         user_id=user_id,
         rental_id=rental.id,
@@ -185,18 +191,7 @@ async def by_operator(
     and processed in this transaction (REFUND entries with reference `refund:<id>`: the money moves once).
     More than the rental can still refund is ValidationFailed."""
     rental = await rentals.get(session, rental_id, lock=True)
-    if rental.status != RentalStatus.COMPLETED:
-        raise InvalidState(
-            "Refunds are for completed rentals.",
-            context={"rental_id": str(rental.id), "status": rental.status.value},
-        )
-    amount = money(amount)
-    available = await refundable(session, rental)
-    if amount > available:
-        raise ValidationFailed(
-            "The amount is more than this rental can refund.",
-            context={"amount": str(amount), "refundable": str(available)},
-        )
+    amount = await _refundable_amount(session, rental, amount)
     now = datetime.now(UTC)
     refund = Refund(
         user_id=rental.user_id,

@@ -125,17 +125,8 @@ async def get(session: AsyncSession, rental_id: uuid.UUID, *, lock: bool = False
 async def history(
     session: AsyncSession, user_id: uuid.UUID, *, page: int, page_size: int
 ) -> tuple[list[Rental], int]:
-    count = (
-        await session.scalar(select(func.count()).select_from(Rental).where(Rental.user_id == user_id)) or 0
-    )
-    rows = await session.scalars(
-        select(Rental)
-        .where(Rental.user_id == user_id)
-        .order_by(Rental.created_at.desc())
-        .offset((page - 1) * page_size)
-        .limit(page_size)
-    )
-    return list(rows.unique().all()), count
+    """The user's own rentals, newest first."""
+    return await admin_page(session, page=page, page_size=page_size, user_id=user_id)
 
 
 async def begin(
