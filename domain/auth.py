@@ -141,11 +141,35 @@ async def request_code(
 async def verify_code(
     session: AsyncSession, redis: Redis, *, identifier: str, code: str, ip: str, settings: Settings
 ) -> tuple[User, bool]:
-    """Check the latest live code; on success return (user, is_new_user).
+    """Check the latest live code (`consume_code`); on success return (user, is_new_user), creating the
+    user on the first login."""
+    kind, ident = await consume_code(
+        session, redis, identifier=identifier, code=code, ip=ip, settings=settings
+    )
+    column = User.phone if kind == "phone" else User.email
+    user = await session.scalar(select(User).where(column == ident))
+    is_new = user is None
+    if user is None:
+        user = User(phone=ident) if kind == "phone" else User(email=ident)
+        session.add(user)
+        await session.flush()
+    if not user.is_active:
+        metrics.AUTH_FAILURES.labels(reason="inactive").inc()
+        raise Forbidden("This account is disabled.")
+    return user, is_new
 
-    A locked (identifier, IP) pair or IP is refused first (423). Every refusal counts towards the lock-out
-    of this IP only, so wrong codes sent from elsewhere never lock the real user out; the code itself dies
-    after OTP_MAX_ATTEMPTS wrong tries from anywhere (the user then asks for a new one at once).
+
+async def consume_code(
+    session: AsyncSession, redis: Redis, *, identifier: str, code: str, ip: str, settings: Settings
+) -> tuple[str, str]:
+    """Check the latest live code sent to `identifier` and mark it used; return (kind, normalised
+    identifier). No user is looked up or created: a login (`verify_code`) or a proof of owning an
+    address (a new profile email) builds on it.
+
+    A locked (identifier, IP) pair or IP is refused first (423). Every refusal (401) counts towards the
+    lock-out of this IP only, so wrong codes sent from elsewhere never lock the real user out; the code
+    itself dies after OTP_MAX_ATTEMPTS wrong tries from anywhere (the user then asks for a new one at once).
+    A wrong try is recorded in `session`: the caller commits it even though the request fails.
     """
     kind, ident = normalise_identifier(identifier)
     try:
@@ -154,20 +178,15 @@ async def verify_code(
         metrics.AUTH_FAILURES.labels(reason="locked_out").inc()
         raise
     try:
-        user, is_new = await _check_code(session, kind=kind, ident=ident, code=code, settings=settings)
+        await _check_code(session, ident=ident, code=code, settings=settings)
     except Unauthorized:
         await lockout.failed(redis, settings, identifier=ident, ip=ip)
         raise
     await lockout.succeeded(redis, identifier=ident, ip=ip)
-    if not user.is_active:
-        metrics.AUTH_FAILURES.labels(reason="inactive").inc()
-        raise Forbidden("This account is disabled.")
-    return user, is_new
+    return kind, ident
 
 
-async def _check_code(
-    session: AsyncSession, *, kind: str, ident: str, code: str, settings: Settings
-) -> tuple[User, bool]:
+async def _check_code(session: AsyncSession, *, ident: str, code: str, settings: Settings) -> None:
     now = datetime.now(UTC)
     otp = await session.scalar(
         select(OneTimeCode)
@@ -184,14 +203,6 @@ async def _check_code(
         metrics.AUTH_FAILURES.labels(reason="wrong_code").inc()
         raise Unauthorized("Wrong code.", context={"attempts_left": settings.otp_max_attempts - otp.attempts})
     otp.used_at = now
-    column = User.phone if kind == "phone" else User.email
-    user = await session.scalar(select(User).where(column == ident))
-    if user is not None:
-        return user, False
-    user = User(phone=ident) if kind == "phone" else User(email=ident)
-    session.add(user)
-    await session.flush()
-    return user, True
 
 
 # --- tokens -----------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -20,7 +21,7 @@ from domain import files, kyc, rentals
 from domain.errors import InvalidState, KycRequired
 from storage.audit_models import AuditEntry
 from storage.kyc_models import KycDocument, KycDocumentType, KycSide, KycStatus, KycSubmission
-from storage.models import Rental, RentalStatus, Role, User
+from storage.models import OneTimeCode, Rental, RentalStatus, Role, User
 from tests import rental_support as rs
 from tests.conftest import Api, free_port, new_phone
 
@@ -86,6 +87,44 @@ def _kyc_root(system: Any) -> Path:
     return root
 
 
+def _new_email(name: str = "user") -> str:
+    return f"{name}.{uuid.uuid4().hex[:8]}@example.com"
+
+
+_RUN = secrets.randbelow(200) + 20  # client addresses unique per test session (X-Forwarded-For)
+
+
+def _new_ip() -> str:
+    return f"10.{_RUN}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 1}"
+
+
+def _wrong(code: str) -> str:
+    return f"{(int(code) + 1) % 10**6:06d}"
+
+
+async def _email_code(api: Api, email: str, ip: str | None = None) -> str:
+    """Ask for a code at `email` (as the app does before changing the profile email) and read it back."""
+    headers = {"X-Forwarded-For": ip} if ip else {}
+    r = await api.client.post("/api/auth/otp/request", json={"identifier": email}, headers=headers)
+    assert r.status_code == 200, r.text
+    return api.last_code(email.lower())
+
+
+async def _profile_email(client: httpx.AsyncClient, auth: dict[str, str]) -> str | None:
+    r = await client.get("/api/users/profile", headers=auth)
+    assert r.status_code == 200, r.text
+    email: str | None = r.json()["data"]["email"]
+    return email
+
+
+async def _codes(system: Any, email: str) -> list[OneTimeCode]:
+    async with system.services.db.transaction() as session:
+        rows = await session.scalars(
+            select(OneTimeCode).where(OneTimeCode.identifier == email).order_by(OneTimeCode.id)
+        )
+        return list(rows.all())
+
+
 # --- profile ------------------------------------------------------------------------------------------
 
 
@@ -106,11 +145,13 @@ async def test_profile_get_patch_and_protected_fields_ignored(
         "kyc_status": "NOT_SUBMITTED",
     }
     email = f"ram.{uuid.uuid4().hex[:8]}@Example.com"
+    code = await _email_code(api, email)  # the new address is proven with a code sent to it
     r = await client.patch(
         "/api/users/profile",
         json={
             "name": "  Ram   Bahadur ",
             "email": email,
+            "email_otp": code,
             "avatar_url": "https://cdn.example.com/a/ram.png",
             "role": "admin",
             "kyc_status": "APPROVED",
@@ -149,26 +190,45 @@ async def test_profile_get_patch_and_protected_fields_ignored(
             == 0
         )
 
-    # Omitted fields stay; null clears (the user has a phone, so even the email may go).
+    # Omitted fields stay; null clears (the user has a phone, so even the email may go, with no code).
     r = await client.patch("/api/users/profile", json={"avatar_url": None}, headers=auth)
     assert r.status_code == 200, r.text
     assert (r.json()["data"]["avatar_url"], r.json()["data"]["name"]) == (None, "Ram Bahadur")
-
-
-async def test_profile_validation_and_email_conflict(client: httpx.AsyncClient, system: Any) -> None:
-    a, b = await rs.customer(system), await rs.customer(system)
-    email = f"sita.{uuid.uuid4().hex[:8]}@example.com"
-    r = await client.patch("/api/users/profile", json={"email": email}, headers=a.auth)
+    r = await client.patch("/api/users/profile", json={"email": None}, headers=auth)
     assert r.status_code == 200, r.text
-    # the same address, in any case, is taken for everyone else; its owner may send it again
+    assert (r.json()["data"]["email"], r.json()["data"]["name"]) == (None, "Ram Bahadur")
+
+
+async def test_profile_validation_and_email_conflict(
+    api: Api, client: httpx.AsyncClient, system: Any
+) -> None:
+    a, b = await rs.customer(system), await rs.customer(system)
+    email = _new_email("sita")
+    r = await client.patch(
+        "/api/users/profile",
+        json={"email": email, "email_otp": await _email_code(api, email)},
+        headers=a.auth,
+    )
+    assert r.status_code == 200, r.text
+    # the same address, in any case, is taken for everyone else; its owner may send it again (no code)
     body = _error(
         await client.patch("/api/users/profile", json={"email": email.upper()}, headers=b.auth),
         409,
         "conflict",
     )
     assert body["error"]["context"] == {"field": "email"}
+    # even with a good code for it: the conflict is found before the code is spent
+    code = await _email_code(api, email)
+    _error(
+        await client.patch("/api/users/profile", json={"email": email, "email_otp": code}, headers=b.auth),
+        409,
+        "conflict",
+    )
+    newest = (await _codes(system, email))[-1]
+    assert (newest.used_at, newest.attempts) == (None, 0)
     r = await client.patch("/api/users/profile", json={"email": email, "name": "Sita"}, headers=a.auth)
     assert r.status_code == 200, r.text
+    assert (r.json()["data"]["email"], r.json()["data"]["name"]) == (email, "Sita")
 
     for patch, field in [
         ({"email": "not-an-email"}, "email"),
@@ -192,6 +252,127 @@ async def test_profile_validation_and_email_conflict(client: httpx.AsyncClient, 
     _error(await client.get("/api/users/profile"), 401, "unauthorized")
     profile = (await client.get("/api/users/profile", headers=b.auth)).json()["data"]
     assert (profile["name"], profile["email"], profile["avatar_url"]) == (None, None, None)
+
+
+async def test_profile_email_change_needs_a_code_sent_to_that_address(
+    api: Api, client: httpx.AsyncClient, system: Any
+) -> None:
+    """Pre-account hijacking: without proof, a user could claim a victim's address, and the victim's first
+    login by email would land in the attacker's account."""
+    attacker = await rs.customer(system)
+    victim = _new_email("victim")
+    body = _error(
+        await client.patch(
+            "/api/users/profile", json={"email": victim, "name": "Mallory"}, headers=attacker.auth
+        ),
+        400,
+        "validation_error",
+    )
+    assert body["error"]["context"] == {"field": "email_otp"}
+    assert "otp/request" in body["error"]["message"]
+    profile = (await client.get("/api/users/profile", headers=attacker.auth)).json()["data"]
+    assert (profile["email"], profile["name"]) == (None, None)  # nothing of the refused request changed
+    r = await client.patch(
+        "/api/users/profile", json={"email": victim, "email_otp": ""}, headers=attacker.auth
+    )
+    _error(r, 400, "validation_error")
+
+    # the attacker may have a code sent to the victim (it reaches the victim only); a code the attacker
+    # really received, but for another address, does not prove this one
+    victim_code = await _email_code(api, victim)
+    own = _new_email("mallory")
+    own_code = await _email_code(api, own)
+    body = _error(
+        await client.patch(
+            "/api/users/profile", json={"email": victim, "email_otp": own_code}, headers=attacker.auth
+        ),
+        401,
+        "unauthorized",
+    )
+    assert body["error"]["message"] == "Wrong code."
+    assert await _profile_email(client, attacker.auth) is None
+    # the victim signs up by email later: a new account of their own
+    r = await client.post("/api/auth/otp/verify", json={"identifier": victim, "otp": victim_code})
+    assert r.status_code == 200, r.text
+    victim_login = r.json()["data"]
+    assert victim_login["is_new_user"] is True and victim_login["user"]["id"] != str(attacker.id)
+
+    # the happy path: the code sent to the new address, once
+    r = await client.patch(
+        "/api/users/profile", json={"email": own, "email_otp": own_code}, headers=attacker.auth
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["data"]["email"] == own
+    assert [c.used_at is not None for c in await _codes(system, own)] == [True]
+    # logging in by that email now reaches this account
+    login = await api.login(own)
+    assert (login["is_new_user"], login["user"]["id"]) == (False, str(attacker.id))
+
+    # the same email again (in any case), a name or an avatar need no code
+    r = await client.patch(
+        "/api/users/profile",
+        json={"email": own.upper(), "name": "Mallory", "avatar_url": "https://cdn.example.com/m.png"},
+        headers=attacker.auth,
+    )
+    assert r.status_code == 200, r.text
+    assert (r.json()["data"]["email"], r.json()["data"]["name"]) == (own, "Mallory")
+    # clearing needs no code (the account has a phone)
+    r = await client.patch("/api/users/profile", json={"email": None}, headers=attacker.auth)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"]["email"] is None
+    # a code proves an address once: setting it again needs a new one
+    _error(
+        await client.patch(
+            "/api/users/profile", json={"email": own, "email_otp": own_code}, headers=attacker.auth
+        ),
+        401,
+        "unauthorized",
+    )
+    r = await client.patch(
+        "/api/users/profile",
+        json={"email": own, "email_otp": await _email_code(api, own)},
+        headers=attacker.auth,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["data"]["email"] == own
+
+
+async def test_profile_email_wrong_codes_count_and_lock_out(
+    api: Api, client: httpx.AsyncClient, system: Any
+) -> None:
+    user = await rs.customer(system)
+    email = _new_email("guess")
+    here, elsewhere = _new_ip(), _new_ip()
+    code = await _email_code(api, email, ip=here)
+    max_attempts = system.settings.otp_max_attempts
+
+    async def patch(otp: str, ip: str) -> httpx.Response:
+        return await client.patch(
+            "/api/users/profile",
+            json={"email": email, "email_otp": otp, "name": "Guess"},
+            headers={**user.auth, "X-Forwarded-For": ip},
+        )
+
+    for attempt in range(1, max_attempts + 1):
+        body = _error(await patch(_wrong(code), here), 401, "unauthorized")
+        assert body["error"]["context"] == {"attempts_left": max_attempts - attempt}
+    # counted like login failures: the wrong tries were kept although each request failed
+    assert [c.attempts for c in await _codes(system, email)] == [max_attempts]
+    # this (email, IP) pair is now locked out, even with the right code
+    r = await patch(code, here)
+    _error(r, 423, "locked_out")
+    assert int(r.headers["Retry-After"]) > 0
+    # and the code is dead from anywhere
+    body = _error(await patch(code, elsewhere), 401, "unauthorized")
+    assert "new one" in body["error"]["message"]
+    profile = (await client.get("/api/users/profile", headers=user.auth)).json()["data"]
+    assert (profile["email"], profile["name"]) == (None, None)
+
+    # a new code, from an address that is not locked out, works
+    fresh = await _email_code(api, email, ip=elsewhere)
+    r = await patch(fresh, elsewhere)
+    assert r.status_code == 200, r.text
+    assert (r.json()["data"]["email"], r.json()["data"]["name"]) == (email, "Guess")
 
 
 # --- KYC ----------------------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile, status
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import CurrentUser, ServicesDep, SessionDep
+from api.deps import ClientIp, CurrentUser, ServicesDep, SessionDep
 from api.envelope import Envelope, ok
 from domain import files, kyc, profile
+from domain.errors import Unauthorized
 from storage.kyc_models import KycDocumentType, KycSide, KycStatus, KycSubmission
 from storage.models import User
 
@@ -41,13 +42,15 @@ class ProfileOut(BaseModel):
 
 class ProfilePatch(BaseModel):
     """Only these fields change; anything else in the body (role, phone, kyc_status, ...) is ignored.
-    A field sent as null is cleared (email only if the account also has a phone)."""
+    A field sent as null is cleared (email only if the account also has a phone). A new email needs
+    `email_otp`: the code POST /api/auth/otp/request sent to that address."""
 
     model_config = ConfigDict(extra="ignore")
 
     name: str | None = None
     email: str | None = None
     avatar_url: str | None = None
+    email_otp: str | None = Field(default=None, max_length=8)
 
 
 class KycStatusOut(BaseModel):
@@ -76,9 +79,30 @@ async def get_profile(user: CurrentUser) -> Envelope[ProfileOut]:
 
 
 @router.patch("/profile")
-async def update_profile(body: ProfilePatch, user: CurrentUser, session: SessionDep) -> Envelope[ProfileOut]:
-    """Change `name`, `email` (409 `conflict` if another account has it) and `avatar_url` (http/https)."""
-    updated = await profile.update(session, user_id=user.id, changes=body.model_dump(exclude_unset=True))
+async def update_profile(
+    body: ProfilePatch, user: CurrentUser, ip: ClientIp, svc: ServicesDep
+) -> Envelope[ProfileOut]:
+    """Change `name`, `email` and `avatar_url` (http/https). A new email is proven first: POST
+    /api/auth/otp/request `{identifier: new_email}`, then PATCH `{email, email_otp}`. Without `email_otp`
+    400 `validation_error`; 409 `conflict` if another account has the email (no code spent); a wrong code
+    401 and 423 `locked_out` as at login. The same email again, or null (with a phone), needs no code."""
+    # Its own transaction, so a wrong code's attempt count is kept even though the request fails (nothing
+    # else has changed by then); any other refusal rolls back.
+    async with svc.db.sessions() as session:
+        try:
+            updated = await profile.update(
+                session,
+                svc.redis,
+                user_id=user.id,
+                changes=body.model_dump(exclude_unset=True, exclude={"email_otp"}),
+                email_otp=body.email_otp,
+                ip=ip,
+                settings=svc.settings,
+            )
+        except Unauthorized:
+            await session.commit()
+            raise
+        await session.commit()
     return ok(ProfileOut.of(updated), "Profile updated.")
 
 
