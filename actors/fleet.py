@@ -9,7 +9,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayError
 
-from actors.host import KioskHostActor
+from actors.host import BROKER_ACTOR, KioskHostActor
 from actors.messages import (
     CommandOutcome,
     CommandTimedOut,
@@ -87,6 +87,17 @@ class Fleet:
     async def remove(self, serial_number: str) -> bool:
         removed: bool = await self._ask(serial_number, "remove", unavailable=False)
         return removed
+
+    async def disconnect(self, serial_number: str) -> bool:
+        """Have the broker close the cabinet's MQTT session now; False when it was not connected, or the
+        broker is unreachable or restarting (logged; a restarted broker has no connections anyway)."""
+        try:
+            broker = ray.get_actor(BROKER_ACTOR, namespace=self.namespace)
+            closed: bool = await broker.disconnect_cabinet.remote(serial_number)
+        except (RayError, ValueError) as exc:  # ValueError: no such actor (yet)
+            log.warning("event=broker_unavailable station_sn=%s call=disconnect error=%r", serial_number, exc)
+            return False
+        return closed
 
     async def frame(self, serial_number: str, kind: str, payload: bytes) -> None:
         await self.host(serial_number).on_frame.remote(serial_number, kind, payload)

@@ -134,7 +134,10 @@ class KioskHost:
         await self._tell(serial_number, CabinetSubscribed())
 
     async def on_disconnect(self, serial_number: str) -> None:
-        await self._tell(serial_number, CabinetDisconnected())
+        await self.started()
+        kiosk = self.kiosks.get(serial_number)
+        if kiosk is not None:  # no kiosk (not built yet, or its station was deleted): nothing is online
+            kiosk.tell(CabinetDisconnected())
 
     async def on_frame(self, serial_number: str, kind: str, payload: bytes) -> None:
         await self._tell(serial_number, FrameReceived(kind=kind, payload=payload))

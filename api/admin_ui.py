@@ -44,7 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from actors.host import read_live
 from actors.messages import KioskStatus
 from api import operations
-from api.deps import Services, client_ip
+from api.deps import Services, request_ip
 from api.schemas import StationOut
 from domain import audit, auth, lockout, passwords
 from domain.errors import DomainError, Forbidden, LockedOut, NotFound, ValidationFailed
@@ -93,11 +93,6 @@ def _services(request: Request) -> Services:
 def _operator(request: Request) -> User:
     """The logged-in operator, as `OperatorLogin.authenticate` read them for this request."""
     return cast(User, request.state.operator)
-
-
-def _ip(request: Request) -> str:
-    """The client's address as the API sees it (TRUSTED_PROXIES honoured): lock-out and audit key on it."""
-    return client_ip(request, _services(request).settings)
 
 
 def session_secret(services: Services) -> str:
@@ -205,7 +200,7 @@ class OperatorLogin(AuthenticationBackend):
         if kind != "phone":
             error = "Enter your phone number in international form, e.g. +9779812345678."
             return await self._form_error(request, phone=raw_phone, error=error, status=400)
-        ip = _ip(request)
+        ip = request_ip(request)
         try:
             await lockout.ensure_not_locked(svc.redis, identifier=phone, ip=ip)
         except LockedOut as exc:
@@ -406,7 +401,7 @@ class StationAdmin(ReadOnly, model=Station):
         for sn in serials:
             try:
                 await operations.set_maintenance(
-                    svc, serial_number=sn, on=on, actor=operator, ip=_ip(request)
+                    svc, serial_number=sn, on=on, actor=operator, ip=request_ip(request)
                 )
             except DomainError as exc:
                 Flash.error(request, f"{sn}: {exc.message}")
@@ -501,7 +496,7 @@ class UserAdmin(ReadOnly, model=User):
                 target_id=user.id,
                 before=before,
                 after=audit.snapshot(user, USER_AUDIT_FIELDS),
-                ip=_ip(request),
+                ip=request_ip(request),
             )
         return user
 

@@ -105,8 +105,9 @@ def client_ip(request: Request, settings: Settings) -> str:
     return candidate
 
 
-def request_ip(request: Request, svc: ServicesDep) -> str:
-    return client_ip(request, svc.settings)
+def request_ip(request: Request) -> str:
+    """`client_ip` with the app's own settings: what lock-out and the audit log key on."""
+    return client_ip(request, services(request).settings)
 
 
 ClientIp = Annotated[str, Depends(request_ip)]

@@ -106,7 +106,7 @@ async def main(rentals: int, cabinets: int, pg: str, redis_url: str) -> None:
             await client.post(
                 f"/api/admin/users/{user['id']}/wallet/credit",
                 json={"amount": "1000000", "reason": "bench"},
-                headers=auth_op,
+                headers={**auth_op, "Idempotency-Key": f"bench-{uuid.uuid4()}"},
             )
             while True:  # every cabinet ready
                 live = [

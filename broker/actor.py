@@ -69,6 +69,10 @@ class BrokerService:
     def connected_cabinets(self) -> list[str]:
         return self.broker.connected_clients()
 
+    async def disconnect_cabinet(self, serial_number: str) -> bool:
+        """Close the cabinet's MQTT session now (its station was deleted); whether it was connected."""
+        return await self.broker.disconnect(serial_number)
+
     async def publish_command(self, serial_number: str, payload: bytes) -> None:
         await self.broker.publish_command(serial_number, payload)
 

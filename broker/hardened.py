@@ -306,16 +306,32 @@ class HardenedBroker(Broker):  # type: ignore[misc]
 
     async def _take_over(self, client_id: str) -> None:
         """Close the live connection of `client_id`, if any, and wait until the router heard it."""
+        await self._end_connection(client_id, event="mqtt_session_takeover")
+
+    async def disconnect(self, client_id: str) -> bool:
+        """Cut `client_id` off now, for good: its connection is closed as on keepalive expiry (an abnormal
+        disconnect; by the time this returns the connection has ended and `disconnected` was fired to the
+        router) and its session is deleted with its subscriptions and queued messages. Whether it was
+        connected. Whether it may come back is for authentication to say (a deleted station's cabinet
+        cannot: its credentials are gone)."""
+        connected = await self._end_connection(client_id, event="mqtt_disconnected_by_server")
+        await self._delete_session(client_id)
+        return connected
+
+    async def _end_connection(self, client_id: str, *, event: str) -> bool:
+        """Close the live connection of `client_id`, if any, and wait (bounded) until it has ended and
+        `disconnected` was fired to the router (logged as `event`); whether there was one."""
         live = self._live.get(client_id)
         if live is None:
-            return
+            return False
         handler, finished = live
-        log.info("event=mqtt_session_takeover client_id=%s", client_id)
+        log.info("event=%s client_id=%s", event, client_id)
         await self._close(handler)
         try:
             await asyncio.wait_for(finished.wait(), TAKEOVER_TIMEOUT_S)
         except TimeoutError:
-            log.warning("event=mqtt_takeover_slow client_id=%s timeout_s=%s", client_id, TAKEOVER_TIMEOUT_S)
+            log.warning("event=%s_slow client_id=%s timeout_s=%s", event, client_id, TAKEOVER_TIMEOUT_S)
+        return True
 
     @staticmethod
     async def _close(handler: BrokerProtocolHandler) -> None:

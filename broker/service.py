@@ -109,6 +109,15 @@ class MqttBroker:
             rentbox.command_topic(self.product_key, serial_number), payload, qos=0
         )
 
+    async def disconnect(self, serial_number: str) -> bool:
+        """Close the cabinet's connection now and forget its session; whether it was connected. It stays
+        out only if it can no longer log in (its station was deleted)."""
+        if self._broker is None:
+            return False
+        closed: bool = await self._broker.disconnect(serial_number)
+        log.info("event=cabinet_disconnected_by_server station_sn=%s was_connected=%s", serial_number, closed)
+        return closed
+
     def connected_clients(self) -> list[str]:
         """Client ids (cabinet SNs) of the cabinets connected now; guests are not cabinets."""
         if self._broker is None:

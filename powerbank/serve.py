@@ -123,6 +123,7 @@ def demo_instructions(settings: Settings) -> str:
   USER=$(echo "$LOGIN" | python3 -c 'import json,sys;print(json.load(sys.stdin)["data"]["user"]["id"])')
   # 3. the operator credits 500 NPR
   curl -s -XPOST {base}/api/admin/users/$USER/wallet/credit -H "authorization: Bearer $OP" \\
+       -H "Idempotency-Key: demo-credit-$USER" \\
        -H 'content-type: application/json' -d '{{"amount":"500","reason":"demo"}}'
   # 4. rent at {a}
   curl -s {base}/api/stations/{a} -H "authorization: Bearer $TOKEN"

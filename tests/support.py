@@ -109,7 +109,7 @@ async def funded_user(
     r = await client.post(
         f"/api/admin/users/{user['user']['id']}/wallet/credit",
         json={"amount": amount, "reason": "test"},
-        headers=Api.auth(operator_token),
+        headers={**Api.auth(operator_token), "Idempotency-Key": f"fund-{uuid.uuid4()}"},
     )
     assert r.status_code == 201, r.text
     return user

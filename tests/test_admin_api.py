@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -11,14 +14,21 @@ import httpx
 import pytest
 
 from simulators.cabinet import CabinetCredentials, CabinetRefused, SimulatedCabinet
+from storage.models import RentalStatus
+from tests import rental_support as money
 from tests.conftest import Api, new_phone
-from tests.support import eventually, funded_user, provision, rent, start_cabinet, wait_ready
+from tests.support import eventually, funded_user, metric, provision, rent, start_cabinet, wait_ready
 
 pytestmark = pytest.mark.integration
 
 
 def auth(token: str) -> dict[str, str]:
     return Api.auth(token)
+
+
+def keyed(token: str, key: str | None = None) -> dict[str, str]:
+    """Headers of an operator money call: the bearer token and an `Idempotency-Key` (fresh unless given)."""
+    return {**Api.auth(token), "Idempotency-Key": key or f"op-{uuid.uuid4()}"}
 
 
 async def audit(client: httpx.AsyncClient, token: str, **filters: str) -> list[dict[str, Any]]:
@@ -181,6 +191,44 @@ async def test_delete_refuses_open_rentals_and_removes_a_fresh_station(
         await cabinet.stop()
 
 
+async def test_deleting_a_station_disconnects_its_cabinet_and_refuses_its_reconnects(
+    client: httpx.AsyncClient, system: Any, operator_token: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cabinet = await start_cabinet(client, operator_token, banks={1: "44000001"})
+    sn = cabinet.sn
+    try:
+
+        async def online() -> bool:
+            r = await client.get(f"/api/admin/stations/{sn}", headers=auth(operator_token))
+            return bool(r.json()["data"]["online"])
+
+        await eventually(online)
+        assert sn in await system.broker.connected_cabinets.remote()
+        refused_before = await metric(client, "powerbank_mqtt_dropped_total", reason="auth")
+        caplog.set_level(logging.WARNING, logger="simulators.cabinet")
+
+        r = await client.delete(f"/api/admin/stations/{sn}", headers=auth(operator_token))
+        assert r.status_code == 200, r.text
+        # At once: by the time DELETE answers, the broker has closed the session.
+        assert sn not in await system.broker.connected_cabinets.remote()
+
+        async def refused_again() -> bool:
+            refused = await metric(client, "powerbank_mqtt_dropped_total", reason="auth")
+            retried = [
+                m
+                for m in caplog.messages
+                if "event=cabinet_reconnect_failed" in m and f"station_sn={sn}" in m and "CONNACK 5" in m
+            ]
+            return refused > refused_before and bool(retried)
+
+        # The cabinet notices, reconnects as firmware does, and is refused: its credentials died with it.
+        await eventually(refused_again, within=10.0)
+        assert not cabinet.connected
+        assert sn not in await system.broker.connected_cabinets.remote()
+    finally:
+        await cabinet.stop()
+
+
 async def test_rotated_secret_refuses_the_old_password_at_next_connect(
     client: httpx.AsyncClient, operator_token: str
 ) -> None:
@@ -285,7 +333,7 @@ async def test_rentals_force_complete_and_refund_move_money_once(
         r = await client.post(
             f"/api/admin/rentals/{rental['id']}/refund",
             json={"amount": "1", "reason": "early"},
-            headers=auth(operator_token),
+            headers=keyed(operator_token),
         )
         assert r.status_code == 409, r.text
 
@@ -309,20 +357,20 @@ async def test_rentals_force_complete_and_refund_move_money_once(
         r = await client.post(
             f"/api/admin/rentals/{rental['id']}/refund",
             json={"amount": str(paid + 1), "reason": "too much"},
-            headers=auth(operator_token),
+            headers=keyed(operator_token),
         )
         assert r.status_code == 400 and r.json()["error"]["code"] == "validation_error"
         r = await client.post(
             f"/api/admin/rentals/{rental['id']}/refund",
             json={"amount": str(paid), "reason": "goodwill"},
-            headers=auth(operator_token),
+            headers=keyed(operator_token),
         )
         assert r.status_code == 201, r.text
         assert r.json()["data"]["status"] == "PROCESSED"
         r = await client.post(
             f"/api/admin/rentals/{rental['id']}/refund",
             json={"amount": "0.01", "reason": "again"},
-            headers=auth(operator_token),
+            headers=keyed(operator_token),
         )
         assert r.status_code == 400, r.text
         entries = (await client.get("/api/payments/transactions", headers=auth(token))).json()["data"][
@@ -368,3 +416,121 @@ async def test_package_and_late_fee_changes_are_audited(
 
     r = await client.get("/api/admin/audit", params={"page_size": 101}, headers=auth(operator_token))
     assert r.status_code == 422
+
+
+# --- Idempotency-Key on the operators' money routes ---------------------------------------------------
+
+
+async def refund_entries(system: Any, user: money.Customer) -> list[Decimal]:
+    return [amount for kind, amount in await money.entries(system, user) if kind == "REFUND"]
+
+
+async def same_key_at_once(
+    client: httpx.AsyncClient, path: str, body: dict[str, str], headers: dict[str, str], n: int = 8
+) -> list[httpx.Response]:
+    """`n` identical requests in flight together; each either ran the work, replayed it, or found it
+    still running (409 `idempotency_request_in_progress`), never a second run."""
+    responses = await asyncio.gather(*(client.post(path, json=body, headers=headers) for _ in range(n)))
+    for r in responses:
+        assert r.status_code in (201, 409), r.text
+        if r.status_code == 409:
+            assert r.json()["error"]["code"] == "idempotency_request_in_progress", r.text
+    assert any(r.status_code == 201 for r in responses)
+    assert len({r.content for r in responses if r.status_code == 201}) == 1  # one answer, replayed
+    return responses
+
+
+async def test_operator_credit_needs_a_key_and_credits_once_per_key(
+    client: httpx.AsyncClient, api: Api, system: Any, operator_token: str
+) -> None:
+    user = await money.customer(system)
+    path = f"/api/admin/users/{user.id}/wallet/credit"
+    body = {"amount": "100", "reason": "cash at the counter"}
+
+    r = await client.post(path, json=body, headers=auth(operator_token))
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "validation_error"
+    assert "Idempotency-Key" in str(r.json()["error"]["context"])
+    r = await client.post(path, json=body, headers=keyed(operator_token, "x" * 256))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "validation_error", r.text
+    assert await money.entries(system, user) == []
+
+    headers = keyed(operator_token)
+    first = await client.post(path, json=body, headers=headers)
+    assert first.status_code == 201, first.text
+    assert first.json()["data"]["balance"] == "100.00"
+    again = await client.post(path, json=body, headers=headers)
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.content == first.content
+    other = await client.post(path, json={**body, "amount": "101"}, headers=headers)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+    assert await money.entries(system, user) == [("TOPUP", Decimal("100.00"))]
+
+    # Retries racing each other: one credit.
+    responses = await same_key_at_once(client, path, {**body, "amount": "50"}, keyed(operator_token))
+    answer = next(r for r in responses if r.status_code == 201).json()["data"]
+    assert answer["balance"] == "150.00"
+    assert await money.entries(system, user) == [("TOPUP", Decimal("100.00")), ("TOPUP", Decimal("50.00"))]
+    assert await money.balance(system, user) == Decimal("150.00")
+    credits = [
+        e
+        for e in await audit(client, operator_token, target_type="user", target_id=str(user.id))
+        if e["action"] == "wallet.credited"
+    ]
+    assert len(credits) == 2
+    assert await money.sound_ledger(system) == 0
+
+    # A key is the operator's own: another operator's same key is another credit.
+    someone_else, _ = await staff_token(system, api, "operator")
+    r = await client.post(path, json=body, headers=keyed(someone_else, headers["Idempotency-Key"]))
+    assert r.status_code == 201 and "Idempotent-Replayed" not in r.headers, r.text
+    assert await money.balance(system, user) == Decimal("250.00")
+
+
+async def test_operator_refund_needs_a_key_and_refunds_once_per_key(
+    client: httpx.AsyncClient, system: Any, operator_token: str
+) -> None:
+    user = await money.customer(system, 500)
+    package_id = await money.package(system, price="60.00")
+    rental_id, bank, sn = await money.started(
+        system, user, package_id=package_id, at=money.now() - timedelta(minutes=10)
+    )
+    assert await money.give_back(system, bank, sn, at=money.now()) is not None
+    assert (await money.rental(system, rental_id)).status == RentalStatus.COMPLETED
+    path = f"/api/admin/rentals/{rental_id}/refund"
+    body = {"amount": "20", "reason": "goodwill"}
+
+    r = await client.post(path, json=body, headers=auth(operator_token))
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", r.text
+
+    headers = keyed(operator_token)
+    first = await client.post(path, json=body, headers=headers)
+    assert first.status_code == 201, first.text
+    assert first.json()["data"]["status"] == "PROCESSED"
+    again = await client.post(path, json=body, headers=headers)
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.content == first.content
+    other = await client.post(path, json={**body, "amount": "21"}, headers=headers)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+    assert await refund_entries(system, user) == [Decimal("20.00")]
+
+    # Retries racing each other: one refund.
+    await same_key_at_once(client, path, {**body, "amount": "30"}, keyed(operator_token))
+    assert await refund_entries(system, user) == [Decimal("20.00"), Decimal("30.00")]
+    assert await money.balance(system, user) == Decimal("490.00")  # 500 - 60 + 20 + 30
+
+    # An error is the key's answer too: replayed, not run again (10.00 is left to refund).
+    headers = keyed(operator_token)
+    too_much = await client.post(path, json={**body, "amount": "11"}, headers=headers)
+    assert too_much.status_code == 400, too_much.text
+    replayed = await client.post(path, json={**body, "amount": "11"}, headers=headers)
+    assert replayed.status_code == 400 and replayed.content == too_much.content
+    assert replayed.headers["Idempotent-Replayed"] == "true"
+
+    actions = [
+        e["action"]
+        for e in await audit(client, operator_token, target_type="rental", target_id=str(rental_id))
+    ]
+    assert actions == ["rental.refunded", "rental.refunded"]
+    assert await refund_entries(system, user) == [Decimal("20.00"), Decimal("30.00")]
+    assert await money.sound_ledger(system) == 0

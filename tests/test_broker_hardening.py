@@ -717,6 +717,29 @@ async def test_a_cabinet_that_drops_right_after_connect_is_reported_disconnected
     await strict.fleet.wait("disconnected", CAB_A)
 
 
+async def test_the_server_cuts_a_cabinet_off_and_forgets_its_session(strict: Running) -> None:
+    """What deleting a station does: the connection closes now, the router hears it, and nothing of the
+    session (subscription, queued messages) is left for a reconnect to resume."""
+    r = strict
+    cabinet = await subscribed_cabinet(r, CAB_A, qos=1, clean=False)
+    other = await subscribed_cabinet(r, CAB_B)
+    assert await r.broker.disconnect(CAB_A) is True
+    assert CAB_A not in r.broker.connected_clients()  # before disconnect() returned
+    await cabinet.wait_closed(3)
+    await r.fleet.wait("disconnected", CAB_A)
+    assert await r.broker.disconnect(CAB_A) is False  # nothing left to cut
+    again = await Raw.cabinet(r.port, CAB_A, clean=False)
+    assert not again.session_present  # the persistent session was deleted, not kept for a resume
+    assert await again.subscribe((get_topic(CAB_A), 1)) == [1]
+    await barrier(again, lambda marker: r.broker.publish_command(CAB_A, marker))
+    # The other cabinet never noticed.
+    assert [e[0] for e in r.fleet.of(CAB_B)] == ["connected", "subscribed"]
+    await r.broker.publish_command(CAB_B, b"still here")
+    assert (await other.next()).payload == b"still here"
+    await again.disconnect()
+    await other.disconnect()
+
+
 async def test_stopping_the_broker_with_clients_connected_is_prompt() -> None:
     async with running(allow_anonymous=True) as r:
         sub = await Raw.connect(r.port, "stop-sub")

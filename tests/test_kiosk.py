@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 import rentbox
 from actors.kiosk import Kiosk, KioskConfig, Returned
@@ -396,3 +397,47 @@ async def test_no_eject_is_recorded_while_pending_rentals_are_settled_from_the_h
     cabinet.hold_reconcile.set()
     assert isinstance(await eject, Ejected)
     assert [d[0] for d in cabinet.dispatched] == ["r1"]
+
+
+def counted(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.parametrize("strict", [True, False])
+async def test_a_bad_checksum_is_rejected_only_with_strict_checksum(strict: bool) -> None:
+    """STRICT_CHECKSUM on: a frame whose checksum is wrong changes nothing and is counted as invalid.
+    Off (the default, as the vendor's own example frames carry wrong checksums): it is applied, and counted
+    as a mismatch."""
+    cabinet = ScriptedCabinet({1: Bank("11111111"), 2: None})
+    kiosk = await ready_kiosk(cabinet, replace(CONFIG, strict_checksum=strict))
+    frame = rentbox.encode(
+        rentbox.ReturnEvent(board=1, hole=2, area=0, sn="99999999", state=1, software_version=1, soc=70)
+    )
+    corrupt = frame[:-1] + bytes([(frame[-1] + 1) & 0xFF])
+    assert rentbox.decode(corrupt).checksum_ok is False  # only the checksum is wrong
+    invalid = counted("powerbank_invalid_frames_total", reason="bad_checksum")
+    dropped = counted("powerbank_mqtt_dropped_total", reason="invalid_frame")
+    mismatches = counted("powerbank_checksum_mismatches_total")
+    returns = counted("powerbank_frames_total", cmd="0x40")
+    before = kiosk.slot_views()
+
+    cabinet.send(corrupt)
+    await kiosk.drained()
+
+    if strict:
+        assert kiosk.slot_views() == before and kiosk.slots[2].powerbank_sn is None
+        assert cabinet.returned == []
+        assert counted("powerbank_invalid_frames_total", reason="bad_checksum") == invalid + 1
+        assert counted("powerbank_mqtt_dropped_total", reason="invalid_frame") == dropped + 1
+        assert counted("powerbank_checksum_mismatches_total") == mismatches
+        assert counted("powerbank_frames_total", cmd="0x40") == returns
+    else:
+        assert kiosk.slots[2].powerbank_sn == "99999999"
+        assert cabinet.returned == [(2, "99999999")]
+        assert counted("powerbank_checksum_mismatches_total") == mismatches + 1
+        assert counted("powerbank_frames_total", cmd="0x40") == returns + 1
+        assert counted("powerbank_invalid_frames_total", reason="bad_checksum") == invalid
+    # Either way the cabinet is still trusted: the next good frame is applied.
+    cabinet.send(frame)
+    await kiosk.drained()
+    assert kiosk.slots[2].powerbank_sn == "99999999" and kiosk.ready

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from decimal import Decimal
 from typing import Any
 
@@ -26,7 +27,7 @@ async def test_rent_at_a_return_at_b(
         r = await client.post(
             f"/api/admin/users/{user_id}/wallet/credit",
             json={"amount": "500", "reason": "test"},
-            headers=Api.auth(operator_token),
+            headers={**Api.auth(operator_token), "Idempotency-Key": f"credit-{uuid.uuid4()}"},
         )
         assert r.status_code == 201, r.text
         await wait_ready(client, token, station_a.sn)
@@ -120,7 +121,7 @@ async def test_offline_station_refuses_and_charges_nothing(
     await client.post(
         f"/api/admin/users/{user['user']['id']}/wallet/credit",
         json={"amount": 200, "reason": "test"},
-        headers=Api.auth(operator_token),
+        headers={**Api.auth(operator_token), "Idempotency-Key": f"credit-{uuid.uuid4()}"},
     )
     station = (await client.get(f"/api/stations/{creds.sn}", headers=Api.auth(token))).json()["data"]
     assert station["status"] == "OFFLINE"

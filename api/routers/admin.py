@@ -3,10 +3,10 @@ from __future__ import annotations
 import logging
 import uuid
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Request, Response, status
 
 from api import operations
-from api.deps import OperatorUser, ServicesDep, SessionDep
+from api.deps import OperatorUser, Services, ServicesDep, SessionDep, request_ip
 from api.envelope import Envelope, ok
 from api.schemas import CreditIn, CreditOut, MqttCredentialsOut, ProvisionedOut, StationIn, StationOut
 from domain import audit, stations, wallet
@@ -30,7 +30,7 @@ async def provision_station(
         target_type="station",
         target_id=station.serial_number,
         after=audit.snapshot(station, operations.STATION_AUDIT_FIELDS),
-        ip=request.client.host if request.client else None,
+        ip=request_ip(request),
     )
     log.info("event=station_provisioned station_sn=%s operator=%s", station.serial_number, operator.id)
     mqtt = MqttCredentialsOut(
@@ -46,37 +46,56 @@ async def provision_station(
     )
 
 
-@router.post("/users/{user_id}/wallet/credit", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/users/{user_id}/wallet/credit", status_code=status.HTTP_201_CREATED, response_model=Envelope[CreditOut]
+)
 async def credit_wallet(
-    user_id: uuid.UUID, body: CreditIn, operator: OperatorUser, session: SessionDep, request: Request
+    user_id: uuid.UUID,
+    body: CreditIn,
+    operator: OperatorUser,
+    svc: ServicesDep,
+    request: Request,
+    idempotency: operations.RequiredIdempotencyDep,
+) -> Envelope[CreditOut] | Response:
+    """Money in: credit a user's wallet now. `Idempotency-Key` is required: a retry with the same key and
+    body replays the first answer and credits nothing more; the same key with another body is 409
+    `idempotency_key_reused`."""
+    ip = request_ip(request)
+    return await idempotency.run(lambda: _credit(svc, user_id=user_id, body=body, operator=operator, ip=ip))
+
+
+async def _credit(
+    svc: Services, *, user_id: uuid.UUID, body: CreditIn, operator: User, ip: str | None
 ) -> Envelope[CreditOut]:
-    if await session.get(User, user_id) is None:
-        raise NotFound("User not found.", context={"user_id": str(user_id)})
-    reference = f"operator-credit:{uuid.uuid4()}"
-    movement = await wallet.credit(
-        session, user_id=user_id, amount=body.amount, type=EntryType.TOPUP, reference=reference
-    )
-    await audit.record(
-        session,
-        actor=operator,
-        action="wallet.credited",
-        target_type="user",
-        target_id=user_id,
-        before={"balance": money(movement.balance_after - body.amount)},
-        after={
-            "balance": movement.balance_after,
-            "amount": money(body.amount),
-            "reason": body.reason,
-            "reference": reference,
-        },
-        ip=request.client.host if request.client else None,
-    )
+    async with svc.db.transaction() as session:
+        if await session.get(User, user_id) is None:
+            raise NotFound("User not found.", context={"user_id": str(user_id)})
+        reference = f"operator-credit:{uuid.uuid4()}"
+        movement = await wallet.credit(
+            session, user_id=user_id, amount=body.amount, type=EntryType.TOPUP, reference=reference
+        )
+        await audit.record(
+            session,
+            actor=operator,
+            action="wallet.credited",
+            target_type="user",
+            target_id=user_id,
+            before={"balance": money(movement.balance_after - body.amount)},
+            after={
+                "balance": movement.balance_after,
+                "amount": money(body.amount),
+                "reason": body.reason,
+                "reference": reference,
+            },
+            ip=ip,
+        )
     log.info(
-        "event=wallet_credited user_id=%s amount=%s operator=%s reason=%r",
+        "event=wallet_credited user_id=%s amount=%s operator=%s reason=%r reference=%s",
         user_id,
         body.amount,
         operator.id,
         body.reason,
+        reference,
     )
     return ok(
         CreditOut(

@@ -9,10 +9,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Query, Request, Response, status
 from pydantic import BaseModel, Field
 
-from api.deps import OperatorUser, PagingDep, ServicesDep, SessionDep
+from api import operations
+from api.deps import OperatorUser, PagingDep, Services, ServicesDep, SessionDep, request_ip
 from api.envelope import Envelope, Money, Page, ok
 from api.schemas import (
     AdminPackageOut,
@@ -25,7 +26,7 @@ from api.schemas import (
     RentalOut,
 )
 from domain import audit, refunds, rentals
-from storage.models import Rental, RentalStatus
+from storage.models import Rental, RentalStatus, User
 from storage.rental_models import REFUND_REASON_MAX, RefundStatus
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
@@ -52,10 +53,6 @@ LATE_FEE_AUDIT_FIELDS = (
 )
 REFUND_AUDIT_FIELDS = ("status", "amount", "rental_id", "review_reason")
 RENTAL_AUDIT_FIELDS = ("status", "payment_status", "amount_paid", "overdue_amount", "ended_at")
-
-
-def _ip(request: Request) -> str | None:
-    return request.client.host if request.client else None
 
 
 def _rental_state(rental: Rental) -> dict[str, Any]:
@@ -155,35 +152,53 @@ async def force_complete(
         target_id=rental_id,
         before=before,
         after={**_rental_state(rental), "reason": body.reason, "charged": returned.charged},
-        ip=_ip(request),
+        ip=request_ip(request),
     )
     out = ForceCompleteOut(charged=returned.charged, due=returned.due, rental=AdminRentalOut.build(rental))
     return ok(out, "Rental completed.")
 
 
-@router.post("/rentals/{rental_id}/refund", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/rentals/{rental_id}/refund",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Envelope[AdminRefundOut],
+)
 async def refund_rental(
     rental_id: uuid.UUID,
     body: OperatorRefundIn,
     operator: OperatorUser,
-    session: SessionDep,
+    svc: ServicesDep,
     request: Request,
-) -> Envelope[AdminRefundOut]:
+    idempotency: operations.RequiredIdempotencyDep,
+) -> Envelope[AdminRefundOut] | Response:
     """Give (part of) a completed rental's payment back to the wallet now; more than it can still refund
-    is 400 `validation_error`."""
-    refund = await refunds.by_operator(
-        session, rental_id=rental_id, amount=body.amount, reason=body.reason, operator_id=operator.id
+    is 400 `validation_error`. `Idempotency-Key` is required: a retry with the same key and body replays
+    the first answer (success or error) and refunds nothing more; the same key with another body is 409
+    `idempotency_key_reused`."""
+    ip = request_ip(request)
+    return await idempotency.run(
+        lambda: _refund(svc, rental_id=rental_id, body=body, operator=operator, ip=ip)
     )
-    await audit.record(
-        session,
-        actor=operator,
-        action="rental.refunded",
-        target_type="rental",
-        target_id=rental_id,
-        after={"refund_id": refund.id, **audit.snapshot(refund, REFUND_AUDIT_FIELDS)},
-        ip=_ip(request),
-    )
-    return ok(AdminRefundOut.of(refund), "Refunded to the wallet.")
+
+
+async def _refund(
+    svc: Services, *, rental_id: uuid.UUID, body: OperatorRefundIn, operator: User, ip: str | None
+) -> Envelope[AdminRefundOut]:
+    async with svc.db.transaction() as session:
+        refund = await refunds.by_operator(
+            session, rental_id=rental_id, amount=body.amount, reason=body.reason, operator_id=operator.id
+        )
+        await audit.record(
+            session,
+            actor=operator,
+            action="rental.refunded",
+            target_type="rental",
+            target_id=rental_id,
+            after={"refund_id": refund.id, **audit.snapshot(refund, REFUND_AUDIT_FIELDS)},
+            ip=ip,
+        )
+        out = AdminRefundOut.of(refund)
+    return ok(out, "Refunded to the wallet.")
 
 
 @router.get("/packages")
@@ -204,7 +219,7 @@ async def create_package(
         target_type="package",
         target_id=package.id,
         after=audit.snapshot(package, PACKAGE_AUDIT_FIELDS),
-        ip=_ip(request),
+        ip=request_ip(request),
     )
     log.info("event=package_created package_id=%s operator=%s", package.id, operator.id)
     return ok(AdminPackageOut.of(package), "Package created.")
@@ -227,7 +242,7 @@ async def update_package(
         target_id=package.id,
         before=before,
         after=audit.snapshot(package, PACKAGE_AUDIT_FIELDS),
-        ip=_ip(request),
+        ip=request_ip(request),
     )
     log.info(
         "event=package_updated package_id=%s operator=%s fields=%s", package.id, operator.id, sorted(changes)
@@ -264,7 +279,7 @@ async def create_late_fee_config(
         target_type="late_fee_config",
         target_id=row.id,
         after=audit.snapshot(row, LATE_FEE_AUDIT_FIELDS),
-        ip=_ip(request),
+        ip=request_ip(request),
     )
     log.info("event=late_fee_configuration_created id=%s operator=%s", row.id, operator.id)
     return ok(LateFeeConfigOut.of(row), "Late-fee configuration created.")
@@ -284,7 +299,7 @@ async def activate_late_fee_config(
         target_id=row.id,
         before={"active_config_id": previous.id if previous is not None else None},
         after={"active_config_id": row.id},
-        ip=_ip(request),
+        ip=request_ip(request),
     )
     log.info("event=late_fee_configuration_activated id=%s operator=%s", row.id, operator.id)
     return ok(LateFeeConfigOut.of(row), "Late-fee configuration active.")
@@ -319,7 +334,7 @@ async def approve_refund(
         target_id=refund.id,
         before={"status": RefundStatus.REQUESTED},
         after=audit.snapshot(refund, REFUND_AUDIT_FIELDS),
-        ip=_ip(request),
+        ip=request_ip(request),
     )
     return ok(AdminRefundOut.of(refund), "Refund approved and processed.")
 
@@ -337,6 +352,6 @@ async def reject_refund(
         target_id=refund.id,
         before={"status": RefundStatus.REQUESTED},
         after=audit.snapshot(refund, REFUND_AUDIT_FIELDS),
-        ip=_ip(request),
+        ip=request_ip(request),
     )
     return ok(AdminRefundOut.of(refund), "Refund rejected.")

@@ -36,7 +36,7 @@ from actors.messages import (
     SnapshotTaken,
 )
 from api import operations
-from api.deps import OperatorUser, PagingDep, ServicesDep, SessionDep
+from api.deps import OperatorUser, PagingDep, ServicesDep, SessionDep, request_ip
 from api.envelope import Envelope, Page, ok
 from api.schemas import MqttCredentialsOut, StationOut
 from domain import audit, stations
@@ -165,10 +165,6 @@ class CommandResultOut(BaseModel):
     reply_lost: bool | None = None  # the 0x21 was lost; a snapshot showed the hole emptied
 
 
-def _client_ip(request: Request) -> str | None:
-    return request.client.host if request.client else None
-
-
 @router.get("")
 async def list_stations(
     operator: OperatorUser, svc: ServicesDep, session: SessionDep, paging: PagingDep
@@ -212,7 +208,7 @@ async def update_station(
             target_id=serial_number,
             before=before,
             after=audit.snapshot(station, operations.STATION_AUDIT_FIELDS),
-            ip=_client_ip(request),
+            ip=request_ip(request),
         )
     if "latitude" in changes or "longitude" in changes:
         async with svc.db.transaction() as session:
@@ -225,7 +221,8 @@ async def update_station(
 async def delete_station(
     serial_number: str, operator: OperatorUser, svc: ServicesDep, request: Request
 ) -> Envelope[DeletedOut]:
-    """Refused (409) while the station has open rentals, or once it has any rental history."""
+    """Refused (409) while the station has open rentals, or once it has any rental history. A cabinet still
+    connected is disconnected at once, and refused when it reconnects (its credentials are gone)."""
     async with svc.db.transaction() as session:
         station = await stations.by_serial(session, serial_number, lock=True)
         before = audit.snapshot(station, operations.STATION_AUDIT_FIELDS)
@@ -237,9 +234,18 @@ async def delete_station(
             target_type="station",
             target_id=serial_number,
             before=before,
-            ip=_client_ip(request),
+            ip=request_ip(request),
         )
+    # After the commit (a reconnect is refused from now on): the kiosk goes, then the connection, so no
+    # status of the dead kiosk is written after its live summary was removed.
     await svc.fleet.remove(serial_number)
+    disconnected = await svc.fleet.disconnect(serial_number)
+    log.info(
+        "event=station_deleted station_sn=%s operator=%s disconnected=%s",
+        serial_number,
+        operator.id,
+        disconnected,
+    )
     async with svc.db.transaction() as session:
         await stations.sync_geo_index(session, svc.redis, live_key=live_key)
     return ok(DeletedOut(serial_number=serial_number, deleted=True), "Station deleted.")
@@ -258,7 +264,7 @@ async def rotate_secret(
         action="station.secret_rotated",
         target_type="station",
         target_id=serial_number,
-        ip=_client_ip(request),
+        ip=request_ip(request),
     )
     mqtt = MqttCredentialsOut(
         host=svc.settings.public_mqtt_host,
@@ -277,7 +283,7 @@ async def set_maintenance(
     serial_number: str, body: MaintenanceIn, operator: OperatorUser, svc: ServicesDep, request: Request
 ) -> Envelope[AdminStationOut]:
     station = await operations.set_maintenance(
-        svc, serial_number=serial_number, on=body.on, actor=operator, ip=_client_ip(request)
+        svc, serial_number=serial_number, on=body.on, actor=operator, ip=request_ip(request)
     )
     live = await svc.fleet.status(serial_number)
     return ok(
@@ -325,7 +331,7 @@ async def remote_command(
                 if result is not None
                 else {"error": error.code if error else None, **(error.context if error else {})},
             },
-            ip=_client_ip(request),
+            ip=request_ip(request),
         )
     if error is not None:
         raise error

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 from sqlalchemy import func, or_, select
 
-from api.deps import OperatorUser, PagingDep, SessionDep
+from api.deps import OperatorUser, PagingDep, SessionDep, request_ip
 from api.envelope import Envelope, Money, Page, ok
 from api.schemas import RentalOut, UserOut
 from domain import audit, rentals, wallet
@@ -123,6 +123,6 @@ async def update_user(
         target_id=user.id,
         before=before,
         after=audit.snapshot(user, USER_AUDIT_FIELDS),
-        ip=request.client.host if request.client else None,
+        ip=request_ip(request),
     )
     return ok(AdminUserOut.build(user), "User updated.")
