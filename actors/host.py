@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from redis.asyncio import Redis
 
-from actors.kiosk import Kiosk, KioskConfig, Returned
+from actors.kiosk import HTTP_UPLOAD, Kiosk, KioskConfig, Returned
 from actors.messages import (
     CabinetConnected,
     CabinetDisconnected,
@@ -70,6 +70,7 @@ class KioskHost:
             slot_quarantine_s=settings.slot_quarantine_s,
             silence_timeout_s=settings.cabinet_silence_timeout_s,
             strict_checksum=settings.strict_checksum,
+            upload_check_interval_s=settings.upload_check_interval_s,
         )
         assert settings.database_url and settings.redis_url, "hosts get resolved DATABASE_URL and REDIS_URL"
         self.db = Database(settings.database_url, pool_size=3)
@@ -141,6 +142,15 @@ class KioskHost:
 
     async def on_frame(self, serial_number: str, kind: str, payload: bytes) -> None:
         await self._tell(serial_number, FrameReceived(kind=kind, payload=payload))
+
+    async def on_upload(self, serial_number: str, payload: bytes) -> None:
+        """A frame posted over HTTP by anyone who knows the SN: only a hint (see `Kiosk._on_upload`)."""
+        await self._tell(serial_number, FrameReceived(kind=HTTP_UPLOAD, payload=payload))
+
+    async def session_answers(self, serial_number: str, timeout_s: float) -> bool:
+        """Whether the cabinet holds a live MQTT session that answers within `timeout_s`."""
+        kiosk = await self._owned(serial_number)
+        return kiosk is not None and await kiosk.session_answers(timeout_s)
 
     async def broker_restarted(self) -> None:
         """The broker lost every connection: every cabinet is offline until it reconnects."""

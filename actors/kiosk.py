@@ -11,6 +11,10 @@ No reply in time → send `check`: the SN gone from its hole means it was ejecte
 lost; the SN still there means retry once with a fresh timestamp. A hole-level failure code quarantines
 the hole and the next-best bank is tried. No snapshot at all → the outcome is unconfirmed and the
 rental stays PENDING_POPUP until the cabinet next reports its holes.
+
+Only what arrives over the cabinet's authenticated MQTT session is evidence. A 0x10 posted over HTTP
+(`HTTP_UPLOAD`; its `sign` has no secret) is a hint: it changes no hole, rental or pending eject; a connected
+cabinet is asked `check` instead (at most once per `upload_check_interval_s`), and its answer does the work.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from telemetry import metrics
 
 log = logging.getLogger(__name__)
 UNKNOWN = 255
-HTTP_UPLOAD = "http"  # a 0x10 posted to /api/rentbox/upload/data: state, but no proof of an MQTT session
+HTTP_UPLOAD = "http"  # a 0x10 posted to /api/rentbox/upload/data: anyone may post one, so only a hint
 # Failure codes that are about one hole or bank: quarantine that hole and try the next-best bank.
 HOLE_FAILURES = frozenset({0x00, 0x11, 0x12, 0xFB, 0xFC})
 
@@ -72,6 +76,7 @@ class KioskConfig:
     slot_quarantine_s: float = 600.0
     silence_timeout_s: float = 300.0
     strict_checksum: bool = False
+    upload_check_interval_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,6 +228,8 @@ class Kiosk:
         # seen before it was sent.
         self._settle_lock = asyncio.Lock()
         self._snapshot_waiters: list[asyncio.Future[None]] = []
+        self._frame_waiters: list[asyncio.Future[None]] = []  # any frame over MQTT (see `session_answers`)
+        self._last_upload_check = float("-inf")
         self._task: asyncio.Task[None] | None = None
 
     # --- mailbox --------------------------------------------------------------------------------------
@@ -263,6 +270,8 @@ class Kiosk:
                 await self.ports.publish(self.serial_number, rentbox.check())
             case CabinetDisconnected():
                 await self._offline("disconnected")
+            case FrameReceived(kind=kind, payload=payload) if kind == HTTP_UPLOAD:
+                await self._on_upload(payload)
             case FrameReceived(kind=kind, payload=payload):
                 await self._on_frame(kind, payload)
             case Tick(now=now):
@@ -300,10 +309,11 @@ class Kiosk:
                 payload[:256].hex(),
             )
             return
-        if not self.online and kind != HTTP_UPLOAD:  # a cabinet we took for silent is talking again
+        if not self.online:  # a cabinet we took for silent is talking again
             await self._connected()
             await self.ports.publish(self.serial_number, rentbox.check())
         self.last_seen = time.monotonic()
+        _wake(self._frame_waiters)
         metrics.FRAMES.labels(cmd=f"0x{decoded.cmd:02X}").inc()
         if not decoded.checksum_ok:
             metrics.CHECKSUM_MISMATCHES.inc()
@@ -320,6 +330,61 @@ class Kiosk:
             case _:
                 pass  # heartbeats only keep the cabinet alive; 0x28 needs no action here
 
+    async def _on_upload(self, payload: bytes) -> None:
+        """A 0x10 posted to /api/rentbox/upload/data. Anyone who knows the SN can post one, so it is a hint,
+        never evidence: it changes no hole, rental or pending eject. A connected cabinet is asked `check`
+        over its authenticated MQTT session (at most once per `upload_check_interval_s`) and that answer is
+        applied; for a cabinet not connected the upload is only logged and counted."""
+        try:
+            decoded = rentbox.decode(
+                payload, holes_per_board=self.holes_per_board, strict_checksum=self.config.strict_checksum
+            )
+        except rentbox.FrameError as err:
+            self._upload_ignored("invalid_frame", detail=err.reason)
+            return
+        if not isinstance(decoded.frame, rentbox.Snapshot):
+            self._upload_ignored("not_snapshot", detail=f"0x{decoded.cmd:02X}")
+            return
+        posted = {h.hole: h.sn for h in decoded.frame.holes}
+        differs = posted != {n: s.powerbank_sn for n, s in self.slots.items()}
+        if not self.online:
+            self._upload_ignored("cabinet_offline", differs=differs)
+            return
+        now = time.monotonic()
+        if now - self._last_upload_check < self.config.upload_check_interval_s:
+            self._upload_ignored("check_throttled", differs=differs)
+            return
+        self._last_upload_check = now
+        self._upload_ignored("check_sent", differs=differs)
+        await self.ports.publish(self.serial_number, rentbox.check())
+
+    def _upload_ignored(self, reason: str, *, detail: str = "", differs: bool | None = None) -> None:
+        metrics.FIRMWARE_UPLOADS_IGNORED.labels(reason=reason).inc()
+        log.log(
+            logging.INFO if reason.startswith("check_") and not differs else logging.WARNING,
+            "event=http_upload_ignored station_sn=%s reason=%s detail=%s differs_from_view=%s",
+            self.serial_number,
+            reason,
+            detail,
+            differs,
+        )
+
+    async def session_answers(self, timeout_s: float) -> bool:
+        """Whether the cabinet's MQTT session is live: it is sent `check` and some frame comes back over MQTT
+        within `timeout_s`. False at once when the kiosk knows of no session (offline)."""
+        if not self.online:
+            return False
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._frame_waiters.append(waiter)
+        try:
+            await self.ports.publish(self.serial_number, rentbox.check())
+            await asyncio.wait({waiter}, timeout=timeout_s)
+            return waiter.done() and not waiter.cancelled()
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                self._frame_waiters.remove(waiter)
+
     def _banks(self) -> set[str]:
         return {s.powerbank_sn for s in self.slots.values() if s.powerbank_sn}
 
@@ -332,10 +397,7 @@ class Kiosk:
                 continue
             slot.apply(hole)
         self.ready = self.online
-        for waiter in self._snapshot_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._snapshot_waiters.clear()
+        _wake(self._snapshot_waiters)
         await self.ports.snapshot_received(self.serial_number, self.slot_views())
         present = self._banks()
         if self.ready and (self._needs_reconcile or present != before or self._unresolved):
@@ -729,6 +791,13 @@ class Kiosk:
         finally:
             self._pending_hole = None
             metrics.COMMANDS_IN_FLIGHT.dec()
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
+    waiters.clear()
 
 
 def _no_reply_payload(request: RemoteCommand) -> bytes:

@@ -148,6 +148,13 @@ class Settings(BaseSettings):
     kyc_s3_region: str = "us-east-1"
     kyc_s3_prefix: str = "kyc/"  # object names are <prefix><user_id>/<submission_id>/<side>.<ext>
 
+    # --- cabinet firmware HTTP calls (rentbox-v1.md section 5: `sign` has no secret, so proves nothing) ---
+    # /con for a cabinet holding an MQTT session: it is asked `check`; any frame back within this → 409
+    con_liveness_probe_s: float = Field(default=3.0, gt=0)
+    con_per_cabinet_per_hour: int = Field(default=12, ge=1)  # /con calls per cabinet SN; more → 429
+    con_per_ip_per_hour: int = Field(default=600, ge=1)  # per client IP (a carrier NAT after a power cut)
+    upload_check_interval_s: float = Field(default=10.0, gt=0)  # HTTP uploads ask `check` at most this often
+
     # --- operators (admin API) ---
 
     # --- admin web UI ---

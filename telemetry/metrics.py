@@ -49,6 +49,11 @@ JOBS_RUNS = Counter("powerbank_jobs_runs", "Background job runs", ["job", "resul
 FIRMWARE_REQUESTS = Counter(
     "powerbank_firmware_requests", "Cabinet firmware HTTP calls", ["endpoint", "result"]
 )
+# An HTTP upload is never applied (anyone can post one): refused (invalid_frame, not_snapshot), only logged
+# (cabinet_offline), or a connected cabinet is asked `check` over MQTT (check_sent, or check_throttled).
+FIRMWARE_UPLOADS_IGNORED = Counter(
+    "powerbank_firmware_uploads_ignored", "HTTP snapshot uploads not applied, by what was done", ["reason"]
+)
 LOGINS_LOCKED_OUT = Counter("powerbank_logins_locked_out", "Lock-outs")
 AUTH_FAILURES = Counter(
     "powerbank_auth_failures", "Refused one-time codes and tokens", ["reason"]

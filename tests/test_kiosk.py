@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 import rentbox
-from actors.kiosk import Kiosk, KioskConfig, Returned
+from actors.kiosk import HTTP_UPLOAD, Kiosk, KioskConfig, Returned
 from actors.messages import (
     CabinetConnected,
     CabinetSubscribed,
@@ -24,8 +24,10 @@ from actors.messages import (
     KioskStatus,
     KioskTimedOut,
     NoPowerBank,
+    RemoteCommand,
     RequestWithdrawn,
     SlotView,
+    SnapshotTaken,
     Tick,
 )
 
@@ -441,3 +443,103 @@ async def test_a_bad_checksum_is_rejected_only_with_strict_checksum(strict: bool
     cabinet.send(frame)
     await kiosk.drained()
     assert kiosk.slots[2].powerbank_sn == "99999999" and kiosk.ready
+
+
+def checks(cabinet: ScriptedCabinet) -> int:
+    return sum(c["cmd"] == "check" for c in cabinet.commands)
+
+
+def post_over_http(kiosk: Kiosk, frame: bytes) -> None:
+    kiosk.tell(FrameReceived(kind=HTTP_UPLOAD, payload=frame))
+
+
+async def test_an_http_snapshot_is_a_hint_answered_by_a_check_over_mqtt() -> None:
+    """Anyone can post a 0x10 over HTTP: one showing a rented bank back changes nothing by itself; the
+    cabinet is asked `check` over MQTT (at most once per interval) and only its answer is applied."""
+    cabinet = ScriptedCabinet({1: Bank("11111111"), 2: None})
+    kiosk = await ready_kiosk(cabinet)
+    forged = replace(cabinet, holes={1: Bank("11111111"), 2: Bank("22222222")}).snapshot()
+    before, reconciled, sent = kiosk.slot_views(), len(cabinet.reconciled), checks(cabinet)
+    hinted = counted("powerbank_firmware_uploads_ignored_total", reason="check_sent")
+    throttled = counted("powerbank_firmware_uploads_ignored_total", reason="check_throttled")
+    cabinet.hold = asyncio.Event()  # the cabinet's answer waits: first see what the hint alone did
+
+    post_over_http(kiosk, forged)
+    await kiosk.drained()
+
+    assert kiosk.slot_views() == before and kiosk.ready
+    assert cabinet.returned == [] and len(cabinet.reconciled) == reconciled
+    assert checks(cabinet) == sent + 1
+    assert counted("powerbank_firmware_uploads_ignored_total", reason="check_sent") == hinted + 1
+    post_over_http(kiosk, forged)  # again within the interval: no second check
+    await kiosk.drained()
+    assert checks(cabinet) == sent + 1
+    assert counted("powerbank_firmware_uploads_ignored_total", reason="check_throttled") == throttled + 1
+
+    cabinet.hold.set()  # the truthful answer (hole 2 is empty) comes before that of this operator check
+    assert isinstance(await kiosk.command(RemoteCommand(request_id="c1", command="check")), SnapshotTaken)
+    await kiosk.drained()
+    assert kiosk.slot_views() == before and cabinet.returned == []
+
+    cabinet.holes[2] = Bank("22222222")  # now it is really there: the next answer is applied as a return
+    kiosk._last_upload_check = float("-inf")  # the interval has passed
+    post_over_http(kiosk, forged)
+    async with asyncio.timeout(2):
+        while kiosk.slots[2].powerbank_sn is None:
+            await kiosk.drained()
+            await asyncio.sleep(0.01)
+    assert cabinet.reconciled[-1][1] == [Returned(slot_number=2, powerbank_sn="22222222", soc=90)]
+
+
+async def test_replies_and_returns_posted_over_http_change_nothing() -> None:
+    """A forged 0x31 does not answer the eject in flight, a forged 0x40 is no return; neither asks a check."""
+    cabinet = ScriptedCabinet({1: Bank("11111111"), 2: None})
+    kiosk = await ready_kiosk(cabinet)
+    cabinet.hold = asyncio.Event()
+    eject = asyncio.get_running_loop().create_task(kiosk.eject(request_id="r1"))
+    await asyncio.wait_for(cabinet.popup_seen.wait(), 2)
+    refused = counted("powerbank_firmware_uploads_ignored_total", reason="not_snapshot")
+    sent = checks(cabinet)
+
+    post_over_http(kiosk, rentbox.encode(rentbox.EjectBySnResult(hole=1, sn="11111111", state=0xFE)))
+    post_over_http(
+        kiosk,
+        rentbox.encode(
+            rentbox.ReturnEvent(board=1, hole=2, area=0, sn="99999999", state=1, software_version=1, soc=70)
+        ),
+    )
+    await kiosk.drained()
+
+    assert not eject.done() and cabinet.returned == [] and kiosk.slots[2].powerbank_sn is None
+    assert checks(cabinet) == sent
+    assert counted("powerbank_firmware_uploads_ignored_total", reason="not_snapshot") == refused + 2
+    cabinet.hold.set()  # the real 0x31 decides
+    assert await eject == Ejected(request_id="r1", powerbank_sn="11111111", slot_number=1, soc=90)
+
+
+async def test_an_http_snapshot_for_a_cabinet_not_connected_is_only_counted() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111"), 2: None})
+    kiosk = Kiosk(serial_number="K1", boards=1, holes_per_board=2, config=CONFIG, ports=cabinet)
+    cabinet.kiosk = kiosk
+    offline = counted("powerbank_firmware_uploads_ignored_total", reason="cabinet_offline")
+
+    post_over_http(kiosk, cabinet.snapshot())
+    await kiosk.drained()
+
+    assert cabinet.commands == [] and cabinet.reconciled == []
+    assert all(s.powerbank_sn is None for s in kiosk.slots.values()) and not kiosk.online
+    assert counted("powerbank_firmware_uploads_ignored_total", reason="cabinet_offline") == offline + 1
+
+
+async def test_a_live_session_is_told_by_a_check_answered_in_time() -> None:
+    cabinet = ScriptedCabinet({1: Bank("11111111")})
+    offline = Kiosk(serial_number="K0", boards=1, holes_per_board=1, config=CONFIG, ports=cabinet)
+    assert await offline.session_answers(0.2) is False and cabinet.commands == []  # no session: no wait
+
+    kiosk = await ready_kiosk(cabinet)
+    sent = checks(cabinet)
+    assert await kiosk.session_answers(0.5) is True
+    assert checks(cabinet) == sent + 1
+    cabinet.answer_check = False  # a stale session: the cabinet rebooted, the broker has not noticed yet
+    assert await kiosk.session_answers(0.2) is False
+    assert kiosk._frame_waiters == []

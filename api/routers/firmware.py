@@ -1,8 +1,10 @@
 """HTTP endpoints that cabinet firmware calls (shared/protocol/rentbox-v1.md, section 5).
 
 Their answers use the firmware's own `{"code", "msg", "data", "time"}` shape, not the app's envelope.
-`sign` has no secret, so it only proves the caller speaks the protocol: credentials are issued only to
-stations an operator provisioned, and whatever a cabinet sends is applied only to its own SN.
+`sign` has no secret, so it only proves the caller speaks the protocol, not that it is the cabinet. Hence:
+an HTTP upload is a hint, never evidence (only a 0x10 is taken, and it only makes a connected cabinet answer
+`check` over its authenticated MQTT session); the boot call issues credentials only to provisioned stations,
+never while the cabinet's MQTT session still answers, and at a limited rate per cabinet and per client IP.
 """
 
 from __future__ import annotations
@@ -14,21 +16,23 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 import rentbox
-from actors.kiosk import HTTP_UPLOAD
-from api.deps import ServicesDep
-from domain import stations
-from domain.errors import NotFound
-from telemetry.metrics import FIRMWARE_REQUESTS
+from api.deps import ServicesDep, request_ip
+from domain import ratelimit, stations
+from domain.errors import NotFound, RateLimited
+from telemetry.metrics import FIRMWARE_REQUESTS, FIRMWARE_UPLOADS_IGNORED
 
 router = APIRouter(tags=["cabinet firmware"])
 log = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES = 5 + 10 * (6 + 15 * 8)  # the largest snapshot: 10 boards of 8 holes
+HOUR_S = 3600
 
 
-def _answer(endpoint: str, code: int, msg: str, data: str | None = None) -> JSONResponse:
+def _answer(
+    endpoint: str, code: int, msg: str, data: str | None = None, *, headers: dict[str, str] | None = None
+) -> JSONResponse:
     FIRMWARE_REQUESTS.labels(endpoint=endpoint, result=str(code)).inc()
     body = {"code": code, "msg": msg, "data": data, "time": int(time.time() * 1000)}
-    return JSONResponse(body, status_code=code)
+    return JSONResponse(body, status_code=code, headers=headers)
 
 
 def _signed(request: Request) -> bool:
@@ -38,17 +42,58 @@ def _signed(request: Request) -> bool:
 
 @router.get("/api/iot/client/con")
 async def client_connection(request: Request, uuid: str, svc: ServicesDep, version: str = "") -> JSONResponse:
-    """Boot call: MQTT settings for a provisioned cabinet. Issues a fresh secret each time (only its hash is
-    stored), so the cabinet's next MQTT login uses the password given here."""
+    """Boot call: MQTT settings for a provisioned cabinet, with a fresh secret (only its hash is stored), so
+    the cabinet's next MQTT login uses the password given here. Anyone who knows an SN can call it, so a
+    cabinet whose MQTT session still answers `check` (a real one calls this only while booting, its session
+    down) keeps its secret (409), and calls are limited per cabinet and per client IP (429)."""
+    ip = request_ip(request)
     if not _signed(request):
-        log.warning("event=firmware_bad_sign endpoint=con station_sn=%s", uuid)
+        log.warning("event=firmware_bad_sign endpoint=con station_sn=%s ip=%s", uuid, ip)
         return _answer("con", 403, "bad sign")
     settings = svc.settings
     try:
+        await ratelimit.hit(
+            svc.redis,
+            scope="firmware_con_ip",
+            subject=ip,
+            limit=settings.con_per_ip_per_hour,
+            window_s=HOUR_S,
+        )
+        async with svc.db.transaction() as session:
+            provisioned = await stations.station_model(session, uuid) is not None
+        if provisioned:
+            await ratelimit.hit(
+                svc.redis,
+                scope="firmware_con_sn",
+                subject=uuid,
+                limit=settings.con_per_cabinet_per_hour,
+                window_s=HOUR_S,
+            )
+    except RateLimited as exc:
+        retry_after = str(exc.context["retry_after"])
+        log.warning(
+            "event=firmware_rate_limited endpoint=con station_sn=%s ip=%s retry_after=%s",
+            uuid,
+            ip,
+            retry_after,
+        )
+        return _answer("con", 429, "too many requests", headers={"Retry-After": retry_after})
+    if not provisioned:
+        log.warning("event=firmware_unknown_cabinet endpoint=con station_sn=%s ip=%s", uuid, ip)
+        return _answer("con", 404, "cabinet not provisioned: ask an operator to add it")
+    if await svc.fleet.session_answers(uuid, settings.con_liveness_probe_s):
+        log.warning(
+            "event=firmware_credentials_refused reason=cabinet_online station_sn=%s ip=%s version=%s",
+            uuid,
+            ip,
+            version,
+        )
+        return _answer("con", 409, "cabinet online")
+    try:
         async with svc.db.transaction() as session:
             password = await stations.rotate_secret(session, uuid)
-    except NotFound:
-        log.warning("event=firmware_unknown_cabinet endpoint=con station_sn=%s", uuid)
+    except NotFound:  # deleted meanwhile
+        log.warning("event=firmware_unknown_cabinet endpoint=con station_sn=%s ip=%s", uuid, ip)
         return _answer("con", 404, "cabinet not provisioned: ask an operator to add it")
     fields = [
         uuid,
@@ -59,23 +104,43 @@ async def client_connection(request: Request, uuid: str, svc: ServicesDep, versi
         password,
         str(int(time.time() * 1000)),
     ]
-    log.info("event=firmware_credentials_issued station_sn=%s version=%s", uuid, version)
+    log.info("event=firmware_credentials_issued station_sn=%s version=%s ip=%s", uuid, version, ip)
     return _answer("con", 200, "ok", ",".join(fields))
+
+
+def _upload_refused(station_sn: str, ip: str, reason: str, detail: str) -> JSONResponse:
+    FIRMWARE_UPLOADS_IGNORED.labels(reason=reason).inc()
+    log.warning(
+        "event=http_upload_ignored station_sn=%s ip=%s reason=%s detail=%s", station_sn, ip, reason, detail
+    )
+    return _answer("upload", 400, "only a valid 0x10 snapshot frame is accepted")
 
 
 @router.post("/api/rentbox/upload/data")
 async def upload_data(request: Request, rentboxSN: str, svc: ServicesDep) -> JSONResponse:
-    """A periodic snapshot over HTTP: the raw 0x10 frame, handled like one arriving over MQTT."""
+    """A periodic 0x10 snapshot over HTTP. Anyone who knows the SN can post one, so it is never applied: a
+    cabinet connected over MQTT is asked `check` instead (rate-limited) and its authenticated answer is
+    applied; otherwise the upload is only logged and counted. Other frames are refused (400)."""
+    ip = request_ip(request)
     if not _signed(request):
-        log.warning("event=firmware_bad_sign endpoint=upload station_sn=%s", rentboxSN)
+        log.warning("event=firmware_bad_sign endpoint=upload station_sn=%s ip=%s", rentboxSN, ip)
         return _answer("upload", 403, "bad sign")
     body = await request.body()
     if len(body) > MAX_UPLOAD_BYTES:
         return _answer("upload", 413, "frame too large")
     async with svc.db.transaction() as session:
-        if await stations.station_model(session, rentboxSN) is None:
-            return _answer("upload", 404, "cabinet not provisioned")
-    await svc.fleet.frame(rentboxSN, HTTP_UPLOAD, body)
+        model = await stations.station_model(session, rentboxSN)
+    if model is None:
+        return _answer("upload", 404, "cabinet not provisioned")
+    try:
+        decoded = rentbox.decode(
+            body, holes_per_board=model.holes_per_board, strict_checksum=svc.settings.strict_checksum
+        )
+    except rentbox.FrameError as err:
+        return _upload_refused(rentboxSN, ip, "invalid_frame", err.reason)
+    if not isinstance(decoded.frame, rentbox.Snapshot):
+        return _upload_refused(rentboxSN, ip, "not_snapshot", f"0x{decoded.cmd:02X}")
+    await svc.fleet.upload(rentboxSN, body)
     return _answer("upload", 200, "ok")
 
 
