@@ -26,7 +26,7 @@ from asyncio import FIRST_COMPLETED
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import rentbox
 from actors.messages import (
@@ -59,6 +59,7 @@ from actors.messages import (
 )
 from telemetry import metrics
 
+R = TypeVar("R")  # the reply frame an eject waits for (0x31 or 0x21)
 log = logging.getLogger(__name__)
 UNKNOWN = 255
 HTTP_UPLOAD = "http"  # a 0x10 posted to /api/rentbox/upload/data: anyone may post one, so only a hint
@@ -636,25 +637,30 @@ class Kiosk:
     ) -> tuple[rentbox.EjectBySnResult | None, bool]:
         """Send the eject once and wait for its 0x31; if none comes in time, ask for a snapshot and wait for
         whichever comes first, the snapshot or the late 0x31. Returns (the 0x31 or None, snapshot seen)."""
-        loop = asyncio.get_running_loop()
-        reply: asyncio.Future[rentbox.EjectBySnResult] = loop.create_future()
+        reply: asyncio.Future[rentbox.EjectBySnResult] = asyncio.get_running_loop().create_future()
         self._pending = _PendingEject(request_id=request_id, powerbank_sn=powerbank_sn, reply=reply)
+        try:
+            payload = rentbox.popup_sn(powerbank_sn, timestamp=self._timestamp())
+            return await self._send_once_then_check(payload, reply)
+        finally:
+            self._pending = None
+
+    async def _send_once_then_check(self, payload: bytes, reply: asyncio.Future[R]) -> tuple[R | None, bool]:
+        """Publish an eject once and wait for `reply`; if none comes in time, ask for a snapshot and wait for
+        whichever comes first, the snapshot or the late reply. Returns (the reply or None, snapshot seen)."""
         metrics.COMMANDS_IN_FLIGHT.inc()
         try:
-            await self.ports.publish(
-                self.serial_number, rentbox.popup_sn(powerbank_sn, timestamp=self._timestamp())
-            )
+            await self.ports.publish(self.serial_number, payload)
             await asyncio.wait({reply}, timeout=self.config.eject_timeout_s)
             if reply.done():
                 return reply.result(), False
-            snapshot: asyncio.Future[None] = loop.create_future()
+            snapshot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._snapshot_waiters.append(snapshot)
             await self.ports.publish(self.serial_number, rentbox.check())
             either: set[asyncio.Future[Any]] = {reply, snapshot}
             await asyncio.wait(either, timeout=self.config.eject_timeout_s, return_when=FIRST_COMPLETED)
             return (reply.result() if reply.done() else None), snapshot.done()
         finally:
-            self._pending = None
             metrics.COMMANDS_IN_FLIGHT.dec()
 
     # --- RemoteCommand (operators) ---------------------------------------------------------------------
@@ -773,24 +779,12 @@ class Kiosk:
     async def _popup_and_wait(self, hole: int) -> tuple[rentbox.EjectByHoleResult | None, bool]:
         """Send `popup` once and wait for its 0x21; if none comes in time, ask for a snapshot and wait for
         whichever comes first, the snapshot or the late 0x21. Returns (the 0x21 or None, snapshot seen)."""
-        loop = asyncio.get_running_loop()
-        reply: asyncio.Future[rentbox.EjectByHoleResult] = loop.create_future()
+        reply: asyncio.Future[rentbox.EjectByHoleResult] = asyncio.get_running_loop().create_future()
         self._pending_hole = _PendingHoleEject(hole=hole, reply=reply)
-        metrics.COMMANDS_IN_FLIGHT.inc()
         try:
-            await self.ports.publish(self.serial_number, rentbox.popup(hole, timestamp=self._timestamp()))
-            await asyncio.wait({reply}, timeout=self.config.eject_timeout_s)
-            if reply.done():
-                return reply.result(), False
-            snapshot: asyncio.Future[None] = loop.create_future()
-            self._snapshot_waiters.append(snapshot)
-            await self.ports.publish(self.serial_number, rentbox.check())
-            either: set[asyncio.Future[Any]] = {reply, snapshot}
-            await asyncio.wait(either, timeout=self.config.eject_timeout_s, return_when=FIRST_COMPLETED)
-            return (reply.result() if reply.done() else None), snapshot.done()
+            return await self._send_once_then_check(rentbox.popup(hole, timestamp=self._timestamp()), reply)
         finally:
             self._pending_hole = None
-            metrics.COMMANDS_IN_FLIGHT.dec()
 
 
 def _wake(waiters: list[asyncio.Future[None]]) -> None:

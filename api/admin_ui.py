@@ -46,8 +46,8 @@ from actors.messages import KioskStatus
 from api import operations
 from api.deps import Services, request_ip
 from api.schemas import StationOut
-from domain import audit, auth, lockout, passwords
-from domain.errors import DomainError, Forbidden, LockedOut, NotFound, ValidationFailed
+from domain import auth, lockout, passwords
+from domain.errors import DomainError, LockedOut, ValidationFailed
 from storage.audit_models import AuditEntry
 from storage.kyc_models import KycSubmission
 from storage.models import Rental, Role, Station, User
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 BASE_URL = "/admin"
 SESSION_COOKIE = "powerbank_admin"
-USER_AUDIT_FIELDS = ("role", "is_active")
 
 LOGIN_TEMPLATE = """{% extends "sqladmin/base.html" %}
 {% block body %}
@@ -479,23 +478,12 @@ class UserAdmin(ReadOnly, model=User):
     async def update_model(self, request: Request, pk: str, data: dict[str, Any]) -> Any:
         svc, operator = _services(request), _operator(request)
         async with svc.db.transaction() as session:
-            user = await session.get(User, uuid.UUID(pk), with_for_update=True)
-            if user is None:
-                raise NotFound("No such user.")
-            if user.id == operator.id:
-                raise Forbidden("You cannot change your own role or active flag.")
-            before = audit.snapshot(user, USER_AUDIT_FIELDS)
-            user.role, user.is_active = Role(data["role"]), bool(data["is_active"])
-            if user.role not in passwords.STAFF_ROLES:
-                user.password_hash = None  # only operators and admins have a password
-            await audit.record(
+            user = await operations.update_user(
                 session,
+                user_id=uuid.UUID(pk),
+                role=Role(data["role"]),
+                is_active=bool(data["is_active"]),
                 actor=operator,
-                action="user.update",
-                target_type="user",
-                target_id=user.id,
-                before=before,
-                after=audit.snapshot(user, USER_AUDIT_FIELDS),
                 ip=request_ip(request),
             )
         return user

@@ -5,17 +5,21 @@ routes require."""
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import CurrentUser, Services, ServicesDep
 from api.idempotency import KEY_HEADER, Idempotency, idempotency
-from domain import audit, stations
+from domain import audit, passwords, stations
 from domain import idempotency as rules
-from storage.models import Station, User
+from domain.errors import Forbidden, NotFound
+from storage.models import Role, Station, User
 
 log = logging.getLogger(__name__)
+USER_AUDIT_FIELDS = ("role", "is_active")
 STATION_AUDIT_FIELDS = (
     "serial_number",
     "name",
@@ -77,3 +81,45 @@ async def required_idempotency(
 
 
 RequiredIdempotencyDep = Annotated[Idempotency, Depends(required_idempotency)]
+
+
+async def update_user(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    role: Role | None,
+    is_active: bool | None,
+    actor: User,
+    ip: str | None,
+) -> User:
+    """Change a user's role or active flag, audited. Only an admin changes roles, never their own; nobody
+    deactivates themself; a user demoted to `user` loses their /admin password."""
+    user = await session.get(User, user_id, with_for_update=True)
+    if user is None:
+        raise NotFound("User not found.", context={"user_id": str(user_id)})
+    if role is not None and role != user.role:
+        if actor.role != Role.ADMIN:
+            raise Forbidden("Only an admin may change roles.", context={"user_id": str(user_id)})
+        if user.id == actor.id:
+            raise Forbidden("You cannot change your own role.", context={"user_id": str(user_id)})
+    if is_active is False and user.id == actor.id:
+        raise Forbidden("You cannot deactivate yourself.", context={"user_id": str(user_id)})
+    before = audit.snapshot(user, USER_AUDIT_FIELDS)
+    if role is not None:
+        user.role = role
+    if is_active is not None:
+        user.is_active = is_active
+    if user.role not in passwords.STAFF_ROLES:
+        user.password_hash = None  # only operators and admins have a password
+    await session.flush()
+    await audit.record(
+        session,
+        actor=actor,
+        action="user.updated",
+        target_type="user",
+        target_id=user.id,
+        before=before,
+        after=audit.snapshot(user, USER_AUDIT_FIELDS),
+        ip=ip,
+    )
+    return user

@@ -281,7 +281,7 @@ async def test_only_admins_edit_users_and_only_role_and_active_flag(system: Any,
         assert row is not None and not row.is_active
     await page.get_by_role("link", name="Audit log").click()
     first = page.locator("tbody tr").first
-    await expect(first).to_contain_text("user.update")
+    await expect(first).to_contain_text("user.updated")
     await expect(first).to_contain_text(str(operator.id))
     # Not on themselves.
     response = await page.goto(f"/admin/user/edit/{admin.id}")

@@ -9,16 +9,15 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 from sqlalchemy import func, or_, select
 
+from api import operations
 from api.deps import OperatorUser, PagingDep, SessionDep, request_ip
 from api.envelope import Envelope, Money, Page, ok
 from api.schemas import RentalOut, UserOut
-from domain import audit, rentals, wallet
-from domain.errors import Forbidden, NotFound
+from domain import rentals, wallet
+from domain.errors import NotFound
 from storage.models import Role, User
 
 router = APIRouter(prefix="/api/admin/users", tags=["admin"])
-
-USER_AUDIT_FIELDS = ("role", "is_active")
 
 
 class AdminUserOut(UserOut):
@@ -101,28 +100,12 @@ async def update_user(
     user_id: uuid.UUID, body: UserPatch, operator: OperatorUser, session: SessionDep, request: Request
 ) -> Envelope[AdminUserOut]:
     """Only an admin changes roles (and not their own); nobody deactivates themself."""
-    user = await _user(session, user_id, lock=True)
-    if body.role is not None and body.role != user.role:
-        if operator.role != Role.ADMIN:
-            raise Forbidden("Only an admin may change roles.", context={"user_id": str(user_id)})
-        if user.id == operator.id:
-            raise Forbidden("You cannot change your own role.", context={"user_id": str(user_id)})
-    if body.is_active is False and user.id == operator.id:
-        raise Forbidden("You cannot deactivate yourself.", context={"user_id": str(user_id)})
-    before = audit.snapshot(user, USER_AUDIT_FIELDS)
-    if body.role is not None:
-        user.role = body.role
-    if body.is_active is not None:
-        user.is_active = body.is_active
-    await session.flush()
-    await audit.record(
+    user = await operations.update_user(
         session,
+        user_id=user_id,
+        role=body.role,
+        is_active=body.is_active,
         actor=operator,
-        action="user.updated",
-        target_type="user",
-        target_id=user.id,
-        before=before,
-        after=audit.snapshot(user, USER_AUDIT_FIELDS),
         ip=request_ip(request),
     )
     return ok(AdminUserOut.build(user), "User updated.")
