@@ -20,6 +20,8 @@ so per-IP login limits that fuzzing exhausts are not the ones the rest of the se
 Excluded, each for a stated reason (`EXCLUDED`), and printed in the run's output: operator writes that
 change what other tests in this session rely on (packages, late-fee configuration, refund decisions,
 remote commands, staff and KYC decisions), which are fuzzed with the operator only through their reads.
+A second run fuzzes exactly those writes with a plain user's token: none may succeed (every operator write
+is audited, so the audit log must not grow) and none may answer 5xx.
 """
 
 from __future__ import annotations
@@ -142,6 +144,54 @@ async def test_schemathesis_finds_nothing(
     summary = _summary(report)
     print("summary:", json.dumps(summary, indent=1))
     assert code == 0, output[-20000:]
+
+
+@pytest.mark.timeout(TIME_LIMIT_S + 60)
+async def test_schemathesis_operator_writes_refuse_a_user(
+    system: Any, base_url: str, client: httpx.AsyncClient, api: Api, tmp_path: Path
+) -> None:
+    from sqlalchemy import func, select
+
+    from storage.audit_models import AuditEntry
+
+    async def audit_entries() -> int:
+        async with system.services.db.transaction() as session:
+            return await session.scalar(select(func.count()).select_from(AuditEntry)) or 0
+
+    user = (await api.login(new_phone()))["access"]
+    before = await audit_entries()
+    code, output = await _run(
+        "--no-color",
+        "run",
+        f"{base_url}/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--phases",
+        "coverage,fuzzing",
+        "--max-examples",
+        str(MAX_EXAMPLES),
+        "--seed",
+        str(SEED),
+        "--generation-deterministic",
+        "--no-shrink",
+        "--continue-on-failure",
+        "--workers",
+        "2",
+        "--request-timeout",
+        "20",
+        "--header",
+        f"Authorization: Bearer {user}",
+        "--header",
+        "X-Forwarded-For: 198.51.100.78",
+        "--warnings",
+        "off",
+        *(arg for pattern in EXCLUDED for arg in ("--include-name-regex", pattern)),
+        cwd=tmp_path,
+    )
+    print(output)
+    assert code == 0, output[-20000:]
+    assert "0 generated" not in output and "Tested: 0" not in output, output[-5000:]
+    assert await audit_entries() == before, "an operator write succeeded with a plain user's token"
 
 
 def _summary(report: Path) -> dict[str, Any]:
