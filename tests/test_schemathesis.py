@@ -66,6 +66,22 @@ EXCLUDED: dict[str, str] = {
 }
 
 
+# Bounded and reproducible: at most MAX_EXAMPLES cases per operation and phase, deterministic generation.
+BOUNDED = (
+    "--max-examples",
+    str(MAX_EXAMPLES),
+    "--seed",
+    str(SEED),
+    "--generation-deterministic",
+    "--no-shrink",
+    "--continue-on-failure",
+    "--workers",
+    "2",
+    "--request-timeout",
+    "20",
+)
+
+
 def _exclude_args() -> list[str]:
     return [arg for pattern in EXCLUDED for arg in ("--exclude-name-regex", pattern)]
 
@@ -116,17 +132,7 @@ async def test_schemathesis_finds_nothing(
         CHECKS,
         "--phases",
         PHASES,
-        "--max-examples",
-        str(MAX_EXAMPLES),
-        "--seed",
-        str(SEED),
-        "--generation-deterministic",
-        "--no-shrink",
-        "--continue-on-failure",
-        "--workers",
-        "2",
-        "--request-timeout",
-        "20",
+        *BOUNDED,
         "--header",
         "X-Forwarded-For: 198.51.100.77",
         "--report",
@@ -168,17 +174,7 @@ async def test_schemathesis_operator_writes_refuse_a_user(
         "not_a_server_error",
         "--phases",
         "coverage,fuzzing",
-        "--max-examples",
-        str(MAX_EXAMPLES),
-        "--seed",
-        str(SEED),
-        "--generation-deterministic",
-        "--no-shrink",
-        "--continue-on-failure",
-        "--workers",
-        "2",
-        "--request-timeout",
-        "20",
+        *BOUNDED,
         "--header",
         f"Authorization: Bearer {user}",
         "--header",
