@@ -44,7 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from actors.host import read_live
 from actors.messages import KioskStatus
 from api import operations
-from api.deps import Services, request_ip
+from api.deps import Services, request_ip, services
 from api.schemas import StationOut
 from domain import auth, lockout, passwords
 from domain.errors import DomainError, LockedOut, ValidationFailed
@@ -82,11 +82,6 @@ LOGIN_TEMPLATE = """{% extends "sqladmin/base.html" %}
 </div>
 {% endblock %}
 """
-
-
-def _services(request: Request) -> Services:
-    """The admin app is its own Starlette app (mounted); `mount_admin` put the services on its state."""
-    return cast(Services, request.app.state.services)
 
 
 def _operator(request: Request) -> User:
@@ -375,7 +370,7 @@ class StationAdmin(ReadOnly, model=Station):
     column_formatters_detail = column_formatters
 
     async def enrich(self, request: Request, rows: Sequence[Station]) -> None:
-        request.state.live = await read_live(_services(request).redis, [s.serial_number for s in rows])
+        request.state.live = await read_live(services(request).redis, [s.serial_number for s in rows])
 
     @action(
         name="maintenance-on",
@@ -392,7 +387,7 @@ class StationAdmin(ReadOnly, model=Station):
     async def _maintenance(self, request: Request, *, on: bool) -> Response:
         if not same_origin(request):
             raise HTTPException(status_code=403, detail="Use the buttons of this site.")
-        svc, operator = _services(request), _operator(request)
+        svc, operator = services(request), _operator(request)
         ids = [int(pk) for pk in request.query_params.get("pks", "").split(",") if pk.strip().isdigit()]
         async with svc.db.transaction() as session:
             serials = list(await session.scalars(select(Station.serial_number).where(Station.id.in_(ids))))
@@ -476,7 +471,7 @@ class UserAdmin(ReadOnly, model=User):
     form_columns = [User.role, User.is_active]
 
     async def update_model(self, request: Request, pk: str, data: dict[str, Any]) -> Any:
-        svc, operator = _services(request), _operator(request)
+        svc, operator = services(request), _operator(request)
         async with svc.db.transaction() as session:
             user = await operations.update_user(
                 session,
@@ -552,7 +547,7 @@ class AuditAdmin(ReadOnly, model=AuditEntry):
 
     async def enrich(self, request: Request, rows: Sequence[AuditEntry]) -> None:
         ids = {e.actor_id for e in rows if e.actor_id is not None}
-        async with _services(request).db.transaction() as session:
+        async with services(request).db.transaction() as session:
             found = (await session.execute(select(User.id, User.phone).where(User.id.in_(ids)))).all()
         request.state.actor_phones = {user_id: phone or "" for user_id, phone in found}
 

@@ -159,3 +159,30 @@ async def idempotency(
 
 
 IdempotencyDep = Annotated[Idempotency, Depends(idempotency)]
+
+
+async def required_idempotency(
+    request: Request,
+    services: ServicesDep,
+    user: CurrentUser,
+    key: Annotated[
+        str,
+        Header(
+            alias=KEY_HEADER,
+            description=(
+                "Required: the operators' money routes move money once per key. Retries with the same key "
+                "and body replay the first response (for IDEMPOTENCY_TTL_S, 24 h by default); the same key "
+                f"with another body is 409 `idempotency_key_reused`; ≤ {rules.MAX_KEY_LENGTH} characters."
+            ),
+        ),
+    ],
+) -> Idempotency:
+    """`api.idempotency` with the key required: without it the request is refused (422 `validation_error`)
+    before any work; the key's rules (length → 400) and semantics are that module's.
+
+    An operator's credit or refund has no once-only reference a retry could be recognised by (each call
+    is a new movement), so the client names the attempt; the app's user routes keep the key optional."""
+    return await idempotency(request, services, user, key)
+
+
+RequiredIdempotencyDep = Annotated[Idempotency, Depends(required_idempotency)]

@@ -1,20 +1,15 @@
 """Operator actions shared by the admin API and the admin web UI: the change, its audit entry, and
-what the live fleet must learn of it, in one place; and the `Idempotency-Key` the operators' money
-routes require."""
+what the live fleet must learn of it, in one place."""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from typing import Annotated
 
-from fastapi import Depends, Header, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import CurrentUser, Services, ServicesDep
-from api.idempotency import KEY_HEADER, Idempotency, idempotency
+from api.deps import Services
 from domain import audit, passwords, stations
-from domain import idempotency as rules
 from domain.errors import Forbidden, NotFound
 from storage.models import Role, Station, User
 
@@ -54,33 +49,6 @@ async def set_maintenance(
     if not told:
         log.warning("event=maintenance_not_told station_sn=%s on=%s", serial_number, on)
     return station
-
-
-async def required_idempotency(
-    request: Request,
-    services: ServicesDep,
-    user: CurrentUser,
-    key: Annotated[
-        str,
-        Header(
-            alias=KEY_HEADER,
-            description=(
-                "Required: the operators' money routes move money once per key. Retries with the same key "
-                "and body replay the first response (for IDEMPOTENCY_TTL_S, 24 h by default); the same key "
-                f"with another body is 409 `idempotency_key_reused`; ≤ {rules.MAX_KEY_LENGTH} characters."
-            ),
-        ),
-    ],
-) -> Idempotency:
-    """`api.idempotency` with the key required: without it the request is refused (422 `validation_error`)
-    before any work; the key's rules (length → 400) and semantics are that module's.
-
-    An operator's credit or refund has no once-only reference a retry could be recognised by (each call
-    is a new movement), so the client names the attempt; the app's user routes keep the key optional."""
-    return await idempotency(request, services, user, key)
-
-
-RequiredIdempotencyDep = Annotated[Idempotency, Depends(required_idempotency)]
 
 
 async def update_user(

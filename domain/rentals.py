@@ -389,6 +389,23 @@ async def complete_by_return(
     rule = late_fee_rule or await active_late_fee_rule(session) or LateFeeRule.flat(late_fee_per_hour)
     if rental.status == RentalStatus.COMPLETED:
         return await _came_back(session, rental, station=station, soc=soc, at=at, rule=rule)
+    return await _complete(
+        session, rental, station=station, soc=soc, at=at, rule=rule, event="rental_completed"
+    )
+
+
+async def _complete(
+    session: AsyncSession,
+    rental: Rental,
+    *,
+    station: Station | None,
+    soc: int | None,
+    at: datetime,
+    rule: LateFeeRule,
+    event: str,
+) -> Returned:
+    """End an ACTIVE/OVERDUE rental at `at` (returned into `station`, or handed back when None): charge what
+    is owed once (ledger references `rental:<id>:…`), tell the user, count it."""
     lines = await _lines(session, rental.id)
     await _assess_end(session, rental, lines, ended_at=at, rule=rule)
     rental.status = RentalStatus.COMPLETED
@@ -396,6 +413,7 @@ async def complete_by_return(
     rental.return_station = station
     rental.return_battery_level = soc
     charged = await _close(session, rental, lines, stage="return")
+    station_sn = (station or rental.station).serial_number
     await notifications.rental_returned(
         session,
         user_id=rental.user_id,
@@ -407,7 +425,8 @@ async def complete_by_return(
     )
     RENTALS.labels(outcome="completed").inc()
     log.info(
-        "event=rental_completed rental_id=%s station_sn=%s charged=%s due=%s",
+        "event=%s rental_id=%s station_sn=%s charged=%s due=%s",
+        event,
         rental.id,
         station_sn,
         charged,
@@ -1280,32 +1299,11 @@ async def force_complete(
             f"Only an ACTIVE or OVERDUE rental can be completed; this one is {rental.status.value}.",
             context={"rental_id": str(rental.id), "status": rental.status.value},
         )
-    rule = await active_late_fee_rule(session) or LateFeeRule.flat(late_fee_per_hour)
-    lines = await _lines(session, rental.id)
-    await _assess_end(session, rental, lines, ended_at=at, rule=rule)
-    rental.status = RentalStatus.COMPLETED
-    rental.ended_at = at
-    rental.return_station = return_station
-    charged = await _close(session, rental, lines, stage="return")
     if bank is not None:
         bank.rented_by = None
         bank.station_id = return_station.id if return_station is not None else None
         bank.slot_number = None
-    await notifications.rental_returned(
-        session,
-        user_id=rental.user_id,
-        rental_id=rental.id,
-        rental_code=rental.rental_code,
-        station_sn=return_station_sn or rental.station.serial_number,
-        charged=charged,
-        due=rental.overdue_amount,
+    rule = await active_late_fee_rule(session) or LateFeeRule.flat(late_fee_per_hour)
+    return await _complete(
+        session, rental, station=return_station, soc=None, at=at, rule=rule, event="rental_force_completed"
     )
-    RENTALS.labels(outcome="completed").inc()
-    log.info(
-        "event=rental_force_completed rental_id=%s return_station_sn=%s charged=%s due=%s",
-        rental.id,
-        return_station_sn,
-        charged,
-        rental.overdue_amount,
-    )
-    return Returned(rental_id=rental.id, user_id=rental.user_id, charged=charged, due=rental.overdue_amount)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response, status
 from api import operations
 from api.deps import OperatorUser, Services, ServicesDep, SessionDep, request_ip
 from api.envelope import Envelope, ok
+from api.idempotency import RequiredIdempotencyDep
 from api.schemas import CreditIn, CreditOut, MqttCredentialsOut, ProvisionedOut, StationIn, StationOut
 from domain import audit, stations, wallet
 from domain.errors import NotFound
@@ -55,7 +56,7 @@ async def credit_wallet(
     operator: OperatorUser,
     svc: ServicesDep,
     request: Request,
-    idempotency: operations.RequiredIdempotencyDep,
+    idempotency: RequiredIdempotencyDep,
 ) -> Envelope[CreditOut] | Response:
     """Money in: credit a user's wallet now. `Idempotency-Key` is required: a retry with the same key and
     body replays the first answer and credits nothing more; the same key with another body is 409

@@ -11,10 +11,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
 from pydantic import BaseModel, Field
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from api import operations
 from api.deps import OperatorUser, PagingDep, Services, ServicesDep, SessionDep, request_ip
 from api.envelope import Envelope, Money, Page, ok
+from api.idempotency import RequiredIdempotencyDep
 from api.schemas import (
     AdminPackageOut,
     AdminRefundOut,
@@ -27,7 +28,7 @@ from api.schemas import (
 )
 from domain import audit, refunds, rentals
 from storage.models import Rental, RentalStatus, User
-from storage.rental_models import REFUND_REASON_MAX, RefundStatus
+from storage.rental_models import REFUND_REASON_MAX, Refund, RefundStatus
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ async def refund_rental(
     operator: OperatorUser,
     svc: ServicesDep,
     request: Request,
-    idempotency: operations.RequiredIdempotencyDep,
+    idempotency: RequiredIdempotencyDep,
 ) -> Envelope[AdminRefundOut] | Response:
     """Give (part of) a completed rental's payment back to the wallet now; more than it can still refund
     is 400 `validation_error`. `Idempotency-Key` is required: a retry with the same key and body replays
@@ -320,22 +321,29 @@ async def list_refunds(
     return ok(Page(results=results, count=count, page=paging.page, page_size=paging.page_size))
 
 
+async def _audit_review(
+    session: AsyncSession, operator: User, refund: Refund, *, action: str, ip: str
+) -> None:
+    """A review moves a REQUESTED refund on (approve processes it at once, reject closes it)."""
+    await audit.record(
+        session,
+        actor=operator,
+        action=action,
+        target_type="refund",
+        target_id=refund.id,
+        before={"status": RefundStatus.REQUESTED},
+        after=audit.snapshot(refund, REFUND_AUDIT_FIELDS),
+        ip=ip,
+    )
+
+
 @router.post("/refunds/{refund_id}/approve")
 async def approve_refund(
     refund_id: uuid.UUID, body: RefundReviewIn, operator: OperatorUser, session: SessionDep, request: Request
 ) -> Envelope[AdminRefundOut]:
     """Approving processes the refund at once: the amount is back in the user's wallet (PROCESSED)."""
     refund = await refunds.approve(session, refund_id=refund_id, operator_id=operator.id, reason=body.reason)
-    await audit.record(
-        session,
-        actor=operator,
-        action="refund.approved",
-        target_type="refund",
-        target_id=refund.id,
-        before={"status": RefundStatus.REQUESTED},
-        after=audit.snapshot(refund, REFUND_AUDIT_FIELDS),
-        ip=request_ip(request),
-    )
+    await _audit_review(session, operator, refund, action="refund.approved", ip=request_ip(request))
     return ok(AdminRefundOut.of(refund), "Refund approved and processed.")
 
 
@@ -344,14 +352,5 @@ async def reject_refund(
     refund_id: uuid.UUID, body: RefundReviewIn, operator: OperatorUser, session: SessionDep, request: Request
 ) -> Envelope[AdminRefundOut]:
     refund = await refunds.reject(session, refund_id=refund_id, operator_id=operator.id, reason=body.reason)
-    await audit.record(
-        session,
-        actor=operator,
-        action="refund.rejected",
-        target_type="refund",
-        target_id=refund.id,
-        before={"status": RefundStatus.REQUESTED},
-        after=audit.snapshot(refund, REFUND_AUDIT_FIELDS),
-        ip=request_ip(request),
-    )
+    await _audit_review(session, operator, refund, action="refund.rejected", ip=request_ip(request))
     return ok(AdminRefundOut.of(refund), "Refund rejected.")
