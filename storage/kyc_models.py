@@ -15,7 +15,6 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
-    Enum,
     ForeignKey,
     Index,
     Integer,
@@ -26,13 +25,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from storage.models import Base
+from storage.models import Base, enum_type
 
 KYC_REASON_MAX = 500
-
-
-def _enum(cls: type[enum.Enum]) -> Enum:
-    return Enum(cls, name=cls.__name__.lower(), values_callable=lambda e: [m.value for m in e])
 
 
 class KycStatus(enum.StrEnum):
@@ -60,8 +55,8 @@ class KycSubmission(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
-    document_type: Mapped[KycDocumentType] = mapped_column(_enum(KycDocumentType))
-    status: Mapped[KycStatus] = mapped_column(_enum(KycStatus), default=KycStatus.PENDING)
+    document_type: Mapped[KycDocumentType] = mapped_column(enum_type(KycDocumentType))
+    status: Mapped[KycStatus] = mapped_column(enum_type(KycStatus), default=KycStatus.PENDING)
     reason: Mapped[str | None] = mapped_column(String(KYC_REASON_MAX))  # why it was rejected
     submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     reviewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -92,7 +87,7 @@ class KycDocument(Base):
     submission_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("kyc_submissions.id", ondelete="CASCADE"), index=True
     )
-    side: Mapped[KycSide] = mapped_column(_enum(KycSide))
+    side: Mapped[KycSide] = mapped_column(enum_type(KycSide))
     storage_key: Mapped[str] = mapped_column(String(300))
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(Integer)

@@ -42,8 +42,9 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-def _enum(cls: type[enum.Enum]) -> Enum:
-    return Enum(cls, name=cls.__name__.lower(), values_callable=lambda e: [m.value for m in e])
+def enum_type(cls: type[enum.Enum], name: str | None = None) -> Enum:
+    """A PostgreSQL enum of `cls`'s values, named `name` (default: the class name, lower-cased)."""
+    return Enum(cls, name=name or cls.__name__.lower(), values_callable=lambda e: [m.value for m in e])
 
 
 def _uuid() -> uuid.UUID:
@@ -117,7 +118,7 @@ class User(Base):
     phone: Mapped[str | None] = mapped_column(String(20), unique=True)
     email: Mapped[str | None] = mapped_column(String(254), unique=True)
     name: Mapped[str | None] = mapped_column(String(120))
-    role: Mapped[Role] = mapped_column(_enum(Role), default=Role.USER)
+    role: Mapped[Role] = mapped_column(enum_type(Role), default=Role.USER)
     kyc_status: Mapped[str] = mapped_column(String(16), default="NOT_SUBMITTED")
     avatar_url: Mapped[str | None] = mapped_column(String(500))
     # argon2 hash; only operators and admins have one (the /admin web login). App users log in by code.
@@ -151,7 +152,7 @@ class Station(Base):
     longitude: Mapped[float]
     boards: Mapped[int] = mapped_column(Integer, default=1)
     holes_per_board: Mapped[int] = mapped_column(Integer, default=8)
-    status: Mapped[StationStatus] = mapped_column(_enum(StationStatus), default=StationStatus.ACTIVE)
+    status: Mapped[StationStatus] = mapped_column(enum_type(StationStatus), default=StationStatus.ACTIVE)
     mqtt_secret_hash: Mapped[str] = mapped_column(String(128))
     opening_time: Mapped[str | None] = mapped_column(String(5))
     closing_time: Mapped[str | None] = mapped_column(String(5))
@@ -198,8 +199,8 @@ class RentalPackage(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     duration_minutes: Mapped[int] = mapped_column(Integer)
     price: Mapped[Decimal] = mapped_column(Money)
-    package_type: Mapped[PackageType] = mapped_column(_enum(PackageType))
-    payment_model: Mapped[PaymentModel] = mapped_column(_enum(PaymentModel))
+    package_type: Mapped[PackageType] = mapped_column(enum_type(PackageType))
+    payment_model: Mapped[PaymentModel] = mapped_column(enum_type(PaymentModel))
     is_active: Mapped[bool] = mapped_column(default=True)
     deposit_amount: Mapped[Decimal] = mapped_column(Money, default=Decimal("0.00"), server_default="0")
 
@@ -219,8 +220,10 @@ class Rental(Base):
     package_id: Mapped[int] = mapped_column(ForeignKey("rental_packages.id"))
     station_id: Mapped[int] = mapped_column(ForeignKey("stations.id"))
     return_station_id: Mapped[int | None] = mapped_column(ForeignKey("stations.id"))
-    status: Mapped[RentalStatus] = mapped_column(_enum(RentalStatus), default=RentalStatus.PENDING_POPUP)
-    payment_status: Mapped[PaymentStatus] = mapped_column(_enum(PaymentStatus), default=PaymentStatus.PENDING)
+    status: Mapped[RentalStatus] = mapped_column(enum_type(RentalStatus), default=RentalStatus.PENDING_POPUP)
+    payment_status: Mapped[PaymentStatus] = mapped_column(
+        enum_type(PaymentStatus), default=PaymentStatus.PENDING
+    )
     slot_number: Mapped[int | None] = mapped_column(Integer)
     powerbank_sn: Mapped[str | None] = mapped_column(String(16), index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -266,7 +269,7 @@ class Account(Base):
     __tablename__ = "accounts"
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
-    kind: Mapped[AccountKind] = mapped_column(_enum(AccountKind))
+    kind: Mapped[AccountKind] = mapped_column(enum_type(AccountKind))
     user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"), unique=True)
     balance: Mapped[Decimal] = mapped_column(Money, default=Decimal("0.00"))
     currency: Mapped[str] = mapped_column(String(3), default="NPR")
@@ -285,7 +288,7 @@ class LedgerEntry(Base):
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     transfer_id: Mapped[uuid.UUID] = mapped_column(index=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
-    type: Mapped[EntryType] = mapped_column(_enum(EntryType))
+    type: Mapped[EntryType] = mapped_column(enum_type(EntryType))
     amount: Mapped[Decimal] = mapped_column(Money)
     balance_after: Mapped[Decimal] = mapped_column(Money)
     reference: Mapped[str] = mapped_column(String(120))

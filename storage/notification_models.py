@@ -11,7 +11,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
-    Enum,
     ForeignKey,
     Index,
     Integer,
@@ -22,7 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from storage.models import Base
+from storage.models import Base, enum_type
 
 TITLE_MAX = 120
 BODY_MAX = 1000
@@ -57,10 +56,6 @@ class Platform(enum.StrEnum):
     WEB = "web"
 
 
-def _enum(cls: type[enum.Enum], name: str) -> Enum:
-    return Enum(cls, name=name, values_callable=lambda e: [m.value for m in e])
-
-
 class DeviceToken(Base):
     """A push registration token of a user's device. A token names one app install, so it belongs to one
     user at a time: registering it under another user moves it (the previous user's pushes stop)."""
@@ -70,7 +65,7 @@ class DeviceToken(Base):
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     token: Mapped[str] = mapped_column(String(TOKEN_MAX), unique=True)
-    platform: Mapped[Platform] = mapped_column(_enum(Platform, "deviceplatform"))
+    platform: Mapped[Platform] = mapped_column(enum_type(Platform, "deviceplatform"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
@@ -82,7 +77,7 @@ class Notification(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    kind: Mapped[NotificationKind] = mapped_column(_enum(NotificationKind, "notificationkind"))
+    kind: Mapped[NotificationKind] = mapped_column(enum_type(NotificationKind, "notificationkind"))
     title: Mapped[str] = mapped_column(String(TITLE_MAX))
     body: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -114,10 +109,10 @@ class NotificationDelivery(Base):
     notification_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("notifications.id", ondelete="CASCADE"), index=True
     )
-    channel: Mapped[Channel] = mapped_column(_enum(Channel, "notificationchannel"))
+    channel: Mapped[Channel] = mapped_column(enum_type(Channel, "notificationchannel"))
     device_id: Mapped[int | None] = mapped_column(ForeignKey("device_tokens.id", ondelete="SET NULL"))
     status: Mapped[DeliveryStatus] = mapped_column(
-        _enum(DeliveryStatus, "deliverystatus"), default=DeliveryStatus.PENDING
+        enum_type(DeliveryStatus, "deliverystatus"), default=DeliveryStatus.PENDING
     )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

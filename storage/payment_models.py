@@ -7,10 +7,10 @@ import uuid
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import CheckConstraint, DateTime, Enum, ForeignKey, Numeric, String, UniqueConstraint, func
+from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Numeric, String, UniqueConstraint, func
 from sqlalchemy.orm import Mapped, mapped_column
 
-from storage.models import Base
+from storage.models import Base, enum_type
 
 
 class Gateway(enum.StrEnum):
@@ -27,10 +27,6 @@ class IntentStatus(enum.StrEnum):
     EXPIRED = "EXPIRED"
 
 
-def _enum(cls: type[enum.Enum], name: str) -> Enum:
-    return Enum(cls, name=name, values_callable=lambda e: [m.value for m in e])
-
-
 class PaymentIntent(Base):
     """A top-up the user started. `gateway_ref` is how the gateway names it: Khalti's pidx, eSewa's
     transaction_uuid (our id), Stripe's PaymentIntent id. COMPLETED exactly when its ledger credit exists."""
@@ -39,11 +35,11 @@ class PaymentIntent(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
-    gateway: Mapped[Gateway] = mapped_column(_enum(Gateway, "paymentgateway"))
+    gateway: Mapped[Gateway] = mapped_column(enum_type(Gateway, "paymentgateway"))
     amount: Mapped[Decimal] = mapped_column(Numeric(12, 2))
     currency: Mapped[str] = mapped_column(String(3), default="NPR")
     status: Mapped[IntentStatus] = mapped_column(
-        _enum(IntentStatus, "paymentintentstatus"), default=IntentStatus.PENDING
+        enum_type(IntentStatus, "paymentintentstatus"), default=IntentStatus.PENDING
     )
     gateway_ref: Mapped[str | None] = mapped_column(String(255))
     gateway_transaction_id: Mapped[str | None] = mapped_column(String(255))

@@ -12,7 +12,6 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
-    Enum,
     ForeignKey,
     Index,
     Integer,
@@ -24,14 +23,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from storage.models import Base, EntryType, Money, Rental
+from storage.models import Base, EntryType, Money, Rental, enum_type
 
 RENTAL_ISSUE_DESCRIPTION_MAX = 1000
 REFUND_REASON_MAX = 500
-
-
-def _enum(cls: type[enum.Enum]) -> Enum:
-    return Enum(cls, name=cls.__name__.lower(), values_callable=lambda e: [m.value for m in e])
 
 
 class LateFeeType(enum.StrEnum):
@@ -48,7 +43,7 @@ class LateFeeConfiguration(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(100))
-    fee_type: Mapped[LateFeeType] = mapped_column(_enum(LateFeeType))
+    fee_type: Mapped[LateFeeType] = mapped_column(enum_type(LateFeeType))
     multiplier: Mapped[Decimal] = mapped_column(Numeric(6, 2), default=Decimal("1.00"))
     flat_rate_per_hour: Mapped[Decimal] = mapped_column(Money, default=Decimal("0.00"))
     grace_period_minutes: Mapped[int] = mapped_column(Integer, default=0)
@@ -100,7 +95,7 @@ class RentalCharge(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     rental_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("rentals.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[ChargeKind] = mapped_column(_enum(ChargeKind))
+    kind: Mapped[ChargeKind] = mapped_column(enum_type(ChargeKind))
     description: Mapped[str] = mapped_column(String(200))
     amount: Mapped[Decimal] = mapped_column(Money)
     paid: Mapped[Decimal] = mapped_column(Money, default=Decimal("0.00"))
@@ -143,10 +138,10 @@ class RentalIssue(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     rental_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("rentals.id", ondelete="CASCADE"), index=True)
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
-    issue_type: Mapped[RentalIssueType] = mapped_column(_enum(RentalIssueType))
+    issue_type: Mapped[RentalIssueType] = mapped_column(enum_type(RentalIssueType))
     description: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[RentalIssueStatus] = mapped_column(
-        _enum(RentalIssueStatus), default=RentalIssueStatus.REPORTED
+        enum_type(RentalIssueStatus), default=RentalIssueStatus.REPORTED
     )
     reported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -176,7 +171,7 @@ class Refund(Base):
     rental_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("rentals.id"), index=True)
     amount: Mapped[Decimal] = mapped_column(Money)
     reason: Mapped[str] = mapped_column(Text, default="")
-    status: Mapped[RefundStatus] = mapped_column(_enum(RefundStatus), default=RefundStatus.REQUESTED)
+    status: Mapped[RefundStatus] = mapped_column(enum_type(RefundStatus), default=RefundStatus.REQUESTED)
     review_reason: Mapped[str | None] = mapped_column(Text)
     reviewed_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
     transfer_id: Mapped[uuid.UUID | None] = mapped_column()

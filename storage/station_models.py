@@ -10,7 +10,6 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
-    Enum,
     ForeignKey,
     Index,
     Text,
@@ -19,13 +18,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from storage.models import Base
+from storage.models import Base, enum_type
 
 ISSUE_DESCRIPTION_MAX = 1000
-
-
-def _enum(cls: type[enum.Enum]) -> Enum:
-    return Enum(cls, name=cls.__name__.lower(), values_callable=lambda e: [m.value for m in e])
 
 
 class StationIssueType(enum.StrEnum):
@@ -63,10 +58,10 @@ class StationIssueReport(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     station_id: Mapped[int] = mapped_column(ForeignKey("stations.id", ondelete="CASCADE"))
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
-    issue_type: Mapped[StationIssueType] = mapped_column(_enum(StationIssueType))
+    issue_type: Mapped[StationIssueType] = mapped_column(enum_type(StationIssueType))
     description: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[StationIssueStatus] = mapped_column(
-        _enum(StationIssueStatus), default=StationIssueStatus.OPEN
+        enum_type(StationIssueStatus), default=StationIssueStatus.OPEN
     )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
