@@ -53,7 +53,7 @@ from typing import Any, Final
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
@@ -61,6 +61,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import ProtocolHandler
 from amqtt.session import OUTGOING, OutgoingApplicationMessage, Session
 from amqtt.utils import format_client_message, gen_client_id
+from transitions import MachineError
 
 from broker.gate import drop
 
@@ -175,6 +176,11 @@ class HardenedBroker(Broker):  # type: ignore[misc]
         self._connect_timeout_s = connect_timeout_s
         self._connections_per_ip: Counter[str] = Counter()
         self._live: dict[str, tuple[BrokerProtocolHandler, asyncio.Event]] = {}
+        self._disconnected: set[str] = set()  # client ids whose connection ended: the session monitor's work
+        # Indexes of amqtt's `_subscriptions` ({filter: [(session, qos)]}), so that no message, connect or
+        # disconnect walks every filter: the filters with wildcards, and each client's filters.
+        self._wildcard_filters: set[str] = set()
+        self._filters_of: dict[str, set[str]] = {}
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -348,28 +354,103 @@ class HardenedBroker(Broker):  # type: ignore[misc]
         server: Any,
         listener_name: str,
     ) -> None:
-        """amqtt's, with the connection registered so that a takeover can wait for its end."""
+        """Replaces amqtt 0.12.1: the connection is registered so that a takeover can wait for its end, and a
+        connect costs the same whatever the number of clients (amqtt awaited a retained-message lookup for
+        every filter any client had subscribed to, on every connect: quadratic in a connect storm)."""
         client_id = client_session.client_id
         finished = asyncio.Event()
         self._live[client_id] = (handler, finished)
+        self._disconnected.discard(client_id)
         try:
-            await super()._handle_client_session(
-                reader, writer, client_session, handler, server, listener_name
-            )
+            await self._run_client_session(reader, writer, client_session, handler, listener_name)
         finally:
             finished.set()
             if self._live.get(client_id, (None, None))[0] is handler:
                 del self._live[client_id]
+                self._disconnected.add(client_id)
+
+    async def _run_client_session(
+        self,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        listener_name: str,
+    ) -> None:
+        authenticated = await self._authenticate(client_session, self.listeners_config[listener_name])
+        if client_session.client_id is None:
+            raise BrokerError("Client ID was not correctly created/set.")
+        while True:
+            try:
+                client_session.transitions.connect()
+                break
+            except (MachineError, ValueError):
+                if client_session.transitions.is_connected():  # `_take_over` closed it; amqtt's fallback
+                    old_handler = self._sessions[client_session.client_id][1]
+                    await old_handler.handle_connection_closed()
+                    await old_handler.stop()
+                    break
+                await asyncio.sleep(1)  # amqtt: "reconnecting too quickly, make it wait"
+        handler.attach(client_session, reader, writer)
+        self._sessions[client_session.client_id] = (client_session, handler)
+        await handler.mqtt_connack_authorize(authenticated)
+        if not authenticated:
+            await writer.close()
+            return
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id, client_session=client_session
+        )
+        await handler.start()
+        await self._publish_session_retained_messages(client_session)
+        await self._client_message_loop(client_session, handler)
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        """Replaces amqtt 0.12.1, which logged `repr()` of every subscription of every client (built even
+        with debug logging off) after each SUBSCRIBE: quadratic in a connect storm."""
+        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        connected = True
+        while connected:
+            try:
+                done, _ = await asyncio.wait(
+                    [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if disconnect_waiter in done:
+                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
+                    connected = False
+                if subscribe_waiter in done:
+                    await self._handle_subscription(client_session, handler, subscribe_waiter)
+                    subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+                if unsubscribe_waiter in done:
+                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+                    unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+                if wait_deliver in done:
+                    if not await self._handle_message_delivery(client_session, handler, wait_deliver):
+                        break
+                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+            except asyncio.CancelledError:
+                break
+        waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
 
     async def _session_monitor(self) -> None:
         """Replaces amqtt 0.12.1, which could delete the *new* session of a client that reconnected while
-        it was cleaning up others: each session is re-checked just before it goes."""
+        it was cleaning up others (each session is re-checked just before it goes), and looked at every
+        session every second (only those whose connection ended are candidates)."""
         while True:
             expiry = self.config.session_expiry_interval
             retain_after = floor(time.time() - expiry) if expiry is not None else None
-            for client_id, (session, _) in list(self._sessions.items()):
-                current = self._sessions.get(client_id, (None, None))[0]
-                if current is session and self._ended(session, retain_after):
+            for client_id in list(self._disconnected):
+                session = self._sessions.get(client_id, (None, None))[0]
+                if session is None:
+                    self._disconnected.discard(client_id)
+                elif self._ended(session, retain_after):
+                    self._disconnected.discard(client_id)
                     await self._cleanup_session(client_id)
             await asyncio.sleep(1)
 
@@ -409,24 +490,31 @@ class HardenedBroker(Broker):  # type: ignore[misc]
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=app_message
         )
-        await self._broadcast_message(client_session, topic, data, app_message.qos)
+        if self._matching_filters(topic):  # most messages (a cabinet's frames) have no subscriber
+            await self._broadcast_message(client_session, topic, data, app_message.qos)
         if app_message.publish_packet and app_message.publish_packet.retain_flag:
             await self.retain_message(client_session, topic, data, app_message.qos)
         return True
 
     # -- messages out ---------------------------------------------------------------------------
 
+    def _matching_filters(self, topic: str) -> list[str]:
+        """The subscribed filters that match `topic`: the exact one, if any, and the wildcards that match."""
+        subscriptions = self._subscriptions
+        found = [topic] if topic in subscriptions else []
+        found += [f for f in self._wildcard_filters if f in subscriptions and self._matches(topic, f)]
+        return found
+
     async def _run_broadcast(self, running_tasks: Any) -> None:
         """Replaces amqtt 0.12.1: one copy per client at min(publish QoS, its highest matching subscription
-        QoS); targets are collected before any await (amqtt iterated the live subscription dict)."""
+        QoS); targets are collected before any await (amqtt iterated the live subscription dict); only the
+        filters that can match are looked at (amqtt matched every message against every filter)."""
         broadcast = await self._broadcast_queue.get()
         topic, data = broadcast["topic"], broadcast["data"]
         publish_qos: int | None = broadcast.get("qos")  # None: a plugin broadcast with no QoS of its own
         targets: dict[str, tuple[Session, int]] = {}
-        for a_filter, subscriptions in self._subscriptions.items():
-            if not self._matches(topic, a_filter):
-                continue
-            for session, sub_qos in subscriptions:
+        for a_filter in self._matching_filters(topic):
+            for session, sub_qos in self._subscriptions[a_filter]:
                 known = targets.get(session.client_id)
                 if known is None or sub_qos > known[1]:
                     targets[session.client_id] = (session, sub_qos)
@@ -503,14 +591,34 @@ class HardenedBroker(Broker):  # type: ignore[misc]
             await asyncio.wait(tasks)
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        """amqtt's, but a SUBSCRIBE to a filter the client already has replaces its QoS [MQTT-3.8.4-3]."""
+        """amqtt's, but a SUBSCRIBE to a filter the client already has replaces its QoS [MQTT-3.8.4-3];
+        the filter indexes are kept."""
         granted: int = await super().add_subscription(subscription, session)
         if granted != 0x80:
-            entries = self._subscriptions.get(subscription[0], [])
+            a_filter = subscription[0]
+            entries = self._subscriptions.get(a_filter, [])
             for index, (subscriber, _) in enumerate(entries):
                 if subscriber.client_id == session.client_id:
                     entries[index] = (session, granted)
+            if "+" in a_filter or "#" in a_filter:
+                self._wildcard_filters.add(a_filter)
+            self._filters_of.setdefault(session.client_id, set()).add(a_filter)
         return granted
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        """Replaces amqtt 0.12.1, which walked every filter of every client on each disconnect."""
+        for a_filter in self._filters_of.pop(session.client_id, ()):
+            self._del_subscription(a_filter, session)
+            if not self._subscriptions.get(a_filter, True):
+                del self._subscriptions[a_filter]
+                self._wildcard_filters.discard(a_filter)
+
+    async def _delete_session(self, client_id: str) -> None:
+        """Replaces amqtt 0.12.1, which formatted `repr(session)` for two debug lines on every call."""
+        session = self._sessions.pop(client_id, (None, None))[0]
+        if session is not None:
+            await self._del_all_subscriptions(session)
+            session.clear_queues()
 
 
 # -- the amqtt code these fixes were written against ---------------------------------------------
@@ -536,6 +644,8 @@ UPSTREAM: Final[dict[str, dict[str, str]]] = {
         "_session_monitor": "5091fa20cdfdc203",
         "_cleanup_session": "530ae891d9f536cc",
         "_delete_session": "a8333dded50648a7",
+        "_del_all_subscriptions": "615579810f47d1e0",
+        "_del_subscription": "415f349273b0552d",
         "retain_message": "6233eff2618baede",
         "shutdown": "800adcdd80ded223",
     },
