@@ -17,6 +17,8 @@ from actors.messages import (
     EjectUnconfirmed,
     KioskStatus,
     RemoteCommand,
+    RentRefused,
+    RentRequest,
     SlotView,
 )
 from actors.placement import host_names, owner
@@ -49,9 +51,9 @@ class Fleet:
         self._handles: dict[str, Any] = {}
 
     def host(self, serial_number: str) -> Any:
-        return self._handle(owner(serial_number, self.hosts))
+        return self.by_name(owner(serial_number, self.hosts))
 
-    def _handle(self, name: str) -> Any:
+    def by_name(self, name: str) -> Any:
         handle = self._handles.get(name)
         if handle is None:
             handle = self._handles[name] = ray.get_actor(name, namespace=self.namespace)
@@ -65,10 +67,12 @@ class Fleet:
             log.warning("event=host_unavailable station_sn=%s call=%s error=%r", serial_number, method, exc)
             return unavailable
 
-    async def rent(self, serial_number: str, rental_id: str) -> EjectOutcome:
+    async def rent(self, serial_number: str, request: RentRequest) -> EjectOutcome | RentRefused:
         # A host that died mid-call may or may not have sent the eject: unconfirmed, settled later.
-        unconfirmed = EjectUnconfirmed(request_id=rental_id, powerbank_sn="")
-        outcome: EjectOutcome = await self._ask(serial_number, "rent", rental_id, unavailable=unconfirmed)
+        unconfirmed = EjectUnconfirmed(request_id=request.rental_id, powerbank_sn="")
+        outcome: EjectOutcome | RentRefused = await self._ask(
+            serial_number, "rent", request, unavailable=unconfirmed
+        )
         return outcome
 
     async def command(self, serial_number: str, request: RemoteCommand) -> CommandOutcome:
@@ -120,17 +124,17 @@ class Fleet:
         return views
 
     def broker_restarted(self) -> list[Any]:
-        return [self._handle(name).broker_restarted.remote() for name in self.hosts]
+        return [self.by_name(name).broker_restarted.remote() for name in self.hosts]
 
     async def tick(self) -> None:
-        await asyncio.gather(*(self._handle(name).tick.remote() for name in self.hosts))
+        await asyncio.gather(*(self.by_name(name).tick.remote() for name in self.hosts))
 
     async def drained(self) -> None:
-        await asyncio.gather(*(self._handle(name).drained.remote() for name in self.hosts))
+        await asyncio.gather(*(self.by_name(name).drained.remote() for name in self.hosts))
 
     async def metric_families(self, timeout_s: float = 2.0) -> list[Any]:
         """Every host's metric families; a host that does not answer in time is left out and logged."""
-        refs = [self._handle(name).metric_families.remote() for name in self.hosts]
+        refs = [self.by_name(name).metric_families.remote() for name in self.hosts]
         results = await asyncio.gather(
             *(asyncio.wait_for(ref, timeout_s) for ref in refs), return_exceptions=True
         )

@@ -13,6 +13,8 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +25,7 @@ from actors.kiosk import HTTP_UPLOAD, Kiosk, KioskConfig, Returned
 from actors.messages import (
     CabinetConnected,
     CabinetDisconnected,
+    CabinetEvent,
     CabinetSubscribed,
     CommandOutcome,
     Ejected,
@@ -34,14 +37,20 @@ from actors.messages import (
     KioskOffline,
     KioskStatus,
     RemoteCommand,
+    RentRefused,
+    RentRequest,
     SlotView,
     Tick,
+    kiosk_message,
     outcome_reason,
 )
+from actors.outbox import Outbox
 from actors.placement import host_names, owner
+from actors.sync import StationSync
 from config import Settings
 from domain import rentals, stations
-from domain.stations import StationModel
+from domain.errors import DomainError, NotFound
+from domain.stations import SlotReport, StationModel
 from storage.db import Database
 from telemetry import logs, metrics
 
@@ -76,11 +85,25 @@ class KioskHost:
         self.db = Database(settings.database_url, pool_size=3)
         self.redis: Redis = Redis.from_url(settings.redis_url)
         self.kiosks: dict[str, Kiosk] = {}
+        self._loading: dict[str, list[KioskMessage]] = {}  # messages for kiosks being built, in order
+        self._loads: set[asyncio.Task[None]] = set()
         self._broker: Any = None
+        self._commands = Outbox[tuple[str, bytes]](
+            f"{name}-to-broker",
+            self._send_commands,
+            limit=settings.outbox_limit,
+            max_batch=settings.outbox_max_batch,
+        )
         self._started: asyncio.Task[None] | None = None
+        self.sync = StationSync(
+            db=self.db, redis=self.redis, live_key=live_key, interval_s=settings.station_sync_interval_s
+        )
+        self._rents: dict[str, _PendingRent] = {}  # rentals whose eject is queued or in flight, by id
+        self._gauges: dict[str, Gauges] = {}  # each kiosk's part of the fleet gauges, kept on every change
+        self._totals = Gauges()
 
     def _kiosk(self, model: StationModel, known: dict[int, tuple[str, int | None]] | None = None) -> Kiosk:
-        return Kiosk(
+        kiosk = Kiosk(
             serial_number=model.serial_number,
             boards=model.boards,
             holes_per_board=model.holes_per_board,
@@ -89,6 +112,9 @@ class KioskHost:
             known=known,
             maintenance=model.maintenance,
         )
+        self.sync.known(model.serial_number, _reports(kiosk.slot_views()))
+        self._count(kiosk)
+        return kiosk
 
     async def started(self) -> None:
         """Build this host's kiosks from the database once, then resync with the cabinets still connected."""
@@ -116,32 +142,37 @@ class KioskHost:
         )
 
     # --- the cabinet's session, as the broker sees it ------------------------------------------------
-    async def authenticate(self, serial_number: str, password: str) -> bool:
-        await self.started()
-        async with self.db.transaction() as session:
-            stored = await stations.cabinet_secret_hash(session, serial_number)
-            model = await stations.station_model(session, serial_number)
-        if stored is None or model is None or not stations.secret_matches(password, stored):
-            return False
-        kiosk = self.kiosks.get(serial_number)
-        if kiosk is None or kiosk.holes_per_board != model.holes_per_board:
-            self.kiosks[serial_number] = self._kiosk(model)
-        return True
+    async def on_cabinet_events(self, events: list[CabinetEvent]) -> None:
+        """What the broker saw of this host's cabinets (connects, subscribes, disconnects, frames), in arrival
+        order, one batch per call (`broker.actor.FleetRouter`)."""
+        ready = self._started is not None and self._started.done()
+        for serial_number, kind, payload in events:
+            message = kiosk_message(kind, payload)
+            kiosk = self.kiosks.get(serial_number) if ready else None
+            if kiosk is not None:
+                kiosk.tell(message)
+            elif serial_number in self._loading:  # keep the order behind what waits for the kiosk
+                self._loading[serial_number].append(message)
+            else:
+                self._loading[serial_number] = [message]
+                task = asyncio.get_running_loop().create_task(self._load(serial_number))
+                self._loads.add(task)
+                task.add_done_callback(self._loads.discard)
 
-    async def on_connect(self, serial_number: str) -> None:
-        await self._tell(serial_number, CabinetConnected())
-
-    async def on_subscribe(self, serial_number: str) -> None:
-        await self._tell(serial_number, CabinetSubscribed())
-
-    async def on_disconnect(self, serial_number: str) -> None:
-        await self.started()
-        kiosk = self.kiosks.get(serial_number)
-        if kiosk is not None:  # no kiosk (not built yet, or its station was deleted): nothing is online
-            kiosk.tell(CabinetDisconnected())
-
-    async def on_frame(self, serial_number: str, kind: str, payload: bytes) -> None:
-        await self._tell(serial_number, FrameReceived(kind=kind, payload=payload))
+    async def _load(self, serial_number: str) -> None:
+        """Deliver what waits for a kiosk not built yet (the host is starting, or the station is new)."""
+        try:
+            kiosk = await self._owned(serial_number)
+        finally:
+            waiting = self._loading.pop(serial_number, [])
+        if kiosk is None:
+            metrics.MQTT_DROPPED.labels(reason="unknown_cabinet").inc(len(waiting))
+            log.warning(
+                "event=message_for_unknown_cabinet station_sn=%s messages=%s", serial_number, len(waiting)
+            )
+            return
+        for message in waiting:
+            kiosk.tell(message)
 
     async def on_upload(self, serial_number: str, payload: bytes) -> None:
         """A frame posted over HTTP by anyone who knows the SN: only a hint (see `Kiosk._on_upload`)."""
@@ -178,17 +209,26 @@ class KioskHost:
         kiosk.tell(message)
 
     # --- requests from the API ---------------------------------------------------------------------------
-    async def rent(self, serial_number: str, rental_id: str) -> EjectOutcome:
-        """Eject for a PENDING_POPUP rental and record the outcome durably (ACTIVE, or CANCELLED)."""
-        await self.started()
-        kiosk = self.kiosks.get(serial_number)
-        outcome = (
-            await kiosk.eject(request_id=rental_id)
-            if kiosk is not None
-            else KioskOffline(request_id=rental_id)
-        )
-        if isinstance(outcome, EjectUnconfirmed):
-            return outcome  # stays PENDING_POPUP, resolved from the cabinet's next snapshot
+    async def rent(self, serial_number: str, request: RentRequest) -> EjectOutcome | RentRefused:
+        """Eject a power bank for a new rental and record it. The cabinet's state is checked first (offline,
+        not ready, no bank: nothing is written); then, for the bank chosen, the rental rules run and the
+        PENDING_POPUP rental is written with its bank in one transaction, just before the command goes out;
+        the cabinet's answer makes it ACTIVE (charged) or CANCELLED (nothing charged), or it stays
+        PENDING_POPUP until the cabinet's next snapshot settles it (unconfirmed)."""
+        rental_id = request.rental_id
+        kiosk = await self._owned(serial_number)
+        if kiosk is None:
+            error = NotFound(f"Station {serial_number} not found.", context={"serial_number": serial_number})
+            return RentRefused(request_id=rental_id, error=error)
+        pending = self._rents[rental_id] = _PendingRent(request=request, station_sn=serial_number)
+        try:
+            outcome = await kiosk.eject(request_id=rental_id)
+        finally:
+            del self._rents[rental_id]
+        if pending.refusal is not None:
+            return RentRefused(request_id=rental_id, error=pending.refusal)
+        if not pending.written or isinstance(outcome, EjectUnconfirmed):
+            return outcome
         async with self.db.transaction() as session:
             if isinstance(outcome, Ejected):
                 await rentals.activate(
@@ -246,6 +286,9 @@ class KioskHost:
         kiosk = self.kiosks.pop(serial_number, None)
         if kiosk is not None:
             kiosk.stop()
+            self._count(kiosk, gone=True)
+        self.sync.forget(serial_number)
+        await self.sync.flushed()
         await self.redis.delete(live_key(serial_number))
         await self.redis.zrem(stations.GEO_AVAILABLE_KEY, serial_number)
         log.info("event=kiosk_removed station_sn=%s had_kiosk=%s", serial_number, kiosk is not None)
@@ -266,19 +309,19 @@ class KioskHost:
         await self.started()
         now = time.monotonic()
         for kiosk in self.kiosks.values():
-            kiosk.tell(Tick(now=now))
+            if kiosk.needs_tick(now):
+                kiosk.tell(Tick(now=now))
         cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.pending_popup_resolve_s)
         abandon = datetime.now(UTC) - timedelta(seconds=self.settings.pending_popup_abandon_s)
         async with self.db.transaction() as session:
-            stale = await rentals.pending_stations(session, older_than=cutoff)
+            stale = [
+                sn for sn in await rentals.pending_stations(session, older_than=cutoff) if sn in self.kiosks
+            ]
             for sn in stale:
-                owned = self.kiosks.get(sn)
-                if owned is not None and not owned.ready:  # offline too long to tell: nothing is charged
+                if not self.kiosks[sn].ready:  # offline too long to tell: nothing is charged
                     await rentals.cancel_pending_before(session, station_sn=sn, before=abandon)
         for sn in stale:
-            owned = self.kiosks.get(sn)
-            if owned is not None:
-                await owned.settle_stale(cutoff)
+            await self.kiosks[sn].settle_stale(cutoff)
 
     async def settle_stale(
         self, serial_number: str, *, present: set[str], in_flight: str | None, older_than: datetime
@@ -289,21 +332,26 @@ class KioskHost:
             )
 
     def metric_families(self) -> list[Any]:
-        kiosks = list(self.kiosks.values())
-        metrics.CABINETS_ONLINE.set(sum(k.online for k in kiosks))
-        metrics.CABINETS_READY.set(sum(k.ready for k in kiosks))
-        metrics.POWER_BANKS_RENTABLE.set(sum(k.status().available_power_banks for k in kiosks))
-        counts = {"available": 0, "occupied": 0, "maintenance": 0, "error": 0}
-        for kiosk in kiosks:
-            for view in kiosk.slot_views():
-                counts[view.status.lower()] += 1
-        for state, count in counts.items():
-            metrics.SLOTS.labels(state=state).set(count)
+        """This host's part of the fleet metrics (its gauges are kept current as kiosks change)."""
         return metrics.local_families()
 
+    def _count(self, kiosk: Kiosk, *, gone: bool = False) -> None:
+        """Move the fleet gauges by the change in this kiosk's part of them."""
+        before = self._gauges.pop(kiosk.serial_number, Gauges())
+        after = Gauges() if gone else Gauges.of(kiosk)
+        if not gone:
+            self._gauges[kiosk.serial_number] = after
+        if after != before:
+            self._totals = self._totals.plus(after, before)
+            self._totals.publish()
+
     async def drained(self) -> None:
-        """Wait until every kiosk has handled what it was told (tests use it instead of sleeping)."""
+        """Wait until every kiosk has handled what it was told and its commands went to the broker (tests use
+        it instead of sleeping)."""
+        await asyncio.gather(*self._loads)
         await asyncio.gather(*(k.drained() for k in self.kiosks.values()))
+        await self._commands.flushed()
+        await self.sync.flushed()
 
     # --- KioskPorts ---------------------------------------------------------------------------------------
     def _broker_actor(self) -> Any:
@@ -312,29 +360,38 @@ class KioskHost:
         return self._broker
 
     async def publish(self, serial_number: str, payload: bytes) -> None:
-        await self._broker_actor().publish_command.remote(serial_number, payload)
+        """Queue a command for the broker (sent in order, batched with the others of this host)."""
+        self._commands.put((serial_number, payload))
+
+    async def _send_commands(self, commands: list[tuple[str, bytes]]) -> None:
+        await self._broker_actor().publish_commands.remote(commands)
 
     async def eject_dispatched(
         self, request_id: str, slot_number: int, powerbank_sn: str, soc: int | None
     ) -> bool:
-        async with self.db.transaction() as session:
-            return await rentals.dispatch_eject(
-                session,
-                rental_id=uuid.UUID(request_id),
-                powerbank_sn=powerbank_sn,
-                slot_number=slot_number,
-                soc=soc,
-            )
+        """The kiosk is about to eject `powerbank_sn` for a rental: apply the rental rules and write the
+        PENDING_POPUP rental with its bank. False (nothing is sent) when the rules refuse."""
+        pending = self._rents[request_id]
+        request = pending.request
+        try:
+            async with self.db.transaction() as session:
+                await rentals.begin(
+                    session,
+                    user_id=uuid.UUID(request.user_id),
+                    station_sn=pending.station_sn,
+                    package_id=request.package_id,
+                    settings=self.settings,
+                    rental_id=uuid.UUID(request_id),
+                    bank=rentals.EjectTarget(powerbank_sn=powerbank_sn, slot_number=slot_number, soc=soc),
+                )
+        except DomainError as exc:
+            pending.refusal = exc
+            return False
+        pending.written = True
+        return True
 
     async def snapshot_received(self, serial_number: str, slots: list[SlotView]) -> None:
-        reports = [
-            stations.SlotReport(
-                slot_number=s.slot_number, state=s.state, powerbank_sn=s.powerbank_sn, soc=s.battery_level
-            )
-            for s in slots
-        ]
-        async with self.db.transaction() as session:
-            await stations.record_snapshot(session, serial_number=serial_number, slots=reports)
+        self.sync.holes(serial_number, _reports(slots))
 
     async def powerbank_returned(
         self, serial_number: str, slot_number: int, powerbank_sn: str, soc: int
@@ -365,7 +422,10 @@ class KioskHost:
         self, serial_number: str, *, present: set[str], appeared: list[Returned], in_flight: str | None
     ) -> None:
         async with self.db.transaction() as session:
+            rented = await rentals.rented_out(session, [bank.powerbank_sn for bank in appeared])
             for bank in appeared:
+                if bank.powerbank_sn not in rented:  # in its hole all along, as far as rentals know
+                    continue
                 closed = await self._close_rental(
                     session, serial_number, bank.slot_number, bank.powerbank_sn, bank.soc
                 )
@@ -381,20 +441,64 @@ class KioskHost:
             )
 
     async def status_changed(self, status: KioskStatus) -> None:
-        """Write the station's live summary, then its place in the geo index of rentable stations."""
-        await self.redis.hset(
-            live_key(status.serial_number),
-            mapping={
-                "online": int(status.online),
-                "ready": int(status.ready),
-                "total_slots": status.total_slots,
-                "available_power_banks": status.available_power_banks,
-                "empty_slots": status.empty_slots,
-            },
+        """The station's live summary (for station lists and the geo index) and the fleet gauges."""
+        self.sync.status(status)
+        kiosk = self.kiosks.get(status.serial_number)
+        if kiosk is not None:
+            self._count(kiosk)
+
+
+@dataclass(slots=True)
+class _PendingRent:
+    request: RentRequest
+    station_sn: str
+    written: bool = False  # the PENDING_POPUP rental is in the database
+    refusal: DomainError | None = None  # ... or the rental rules refused it
+
+
+def _reports(slots: list[SlotView]) -> tuple[SlotReport, ...]:
+    return tuple(
+        SlotReport(slot_number=s.slot_number, state=s.state, powerbank_sn=s.powerbank_sn, soc=s.battery_level)
+        for s in slots
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Gauges:
+    """One kiosk's part of the fleet gauges (or their sum over a host's kiosks)."""
+
+    online: int = 0
+    ready: int = 0
+    rentable: int = 0
+    slots: tuple[int, ...] = (0, 0, 0, 0)  # available, occupied, maintenance, error
+
+    @classmethod
+    def of(cls, kiosk: Kiosk) -> Gauges:
+        by_state = Counter(view.status for view in kiosk.slot_views())
+        return cls(
+            online=int(kiosk.online),
+            ready=int(kiosk.ready),
+            rentable=kiosk.status().available_power_banks,
+            slots=tuple(by_state[state] for state in SLOT_STATES),
         )
-        await stations.refresh_geo_availability(
-            self.redis, status.serial_number, live=live_key(status.serial_number)
+
+    def plus(self, add: Gauges, minus: Gauges) -> Gauges:
+        return Gauges(
+            online=self.online + add.online - minus.online,
+            ready=self.ready + add.ready - minus.ready,
+            rentable=self.rentable + add.rentable - minus.rentable,
+            slots=tuple(a + b - c for a, b, c in zip(self.slots, add.slots, minus.slots, strict=True)),
         )
+
+    def publish(self) -> None:
+        metrics.CABINETS_ONLINE.set(self.online)
+        metrics.CABINETS_READY.set(self.ready)
+        metrics.POWER_BANKS_RENTABLE.set(self.rentable)
+        for state, count in zip(SLOT_STATES, self.slots, strict=True):
+            metrics.SLOTS.labels(state=state.lower()).set(count)
+
+
+SLOT_STATES = ("AVAILABLE", "OCCUPIED", "MAINTENANCE", "ERROR")
 
 
 KioskHostActor = ray.remote(KioskHost)

@@ -510,6 +510,12 @@ class Kiosk:
         log.info("event=kiosk_maintenance station_sn=%s on=%s", self.serial_number, on)
         await self.ports.status_changed(self.status())
 
+    def needs_tick(self, now: float) -> bool:
+        """Whether a `Tick` at `now` has work: the cabinet fell silent, or unconfirmed ejects want a check."""
+        return self.online and (
+            now - self.last_seen > self.config.silence_timeout_s or bool(self._unresolved)
+        )
+
     @property
     def in_flight(self) -> str | None:
         return self._current

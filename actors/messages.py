@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from domain.errors import DomainError
+
 
 # --- messages into a kiosk's mailbox (events are past tense) ---------------------------------------
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,6 +37,41 @@ class Tick:
 
 
 KioskMessage = CabinetConnected | CabinetSubscribed | CabinetDisconnected | FrameReceived | Tick
+
+# --- what the broker carries to a kiosk host, in batches (plain tuples: cheap to pickle) -------------------
+CONNECTED, SUBSCRIBED, DISCONNECTED = "connected", "subscribed", "disconnected"
+CabinetEvent = tuple[str, str, bytes]
+"""(cabinet SN, kind, payload): kind is CONNECTED, SUBSCRIBED, DISCONNECTED (payload b"") or, for a frame,
+its up topic (update, heart, upload)."""
+_SESSION_EVENTS: dict[str, KioskMessage] = {
+    CONNECTED: CabinetConnected(),
+    SUBSCRIBED: CabinetSubscribed(),
+    DISCONNECTED: CabinetDisconnected(),
+}
+
+
+def kiosk_message(kind: str, payload: bytes) -> KioskMessage:
+    """The mailbox message of one `CabinetEvent`."""
+    return _SESSION_EVENTS.get(kind) or FrameReceived(kind=kind, payload=payload)
+
+
+# --- RentPowerBank: an eject for a new rental ---------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RentRequest:
+    """Who rents which package; `rental_id` is also the eject's request id."""
+
+    rental_id: str
+    user_id: str
+    package_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RentRefused:
+    """The rental rules said no (unknown station, balance, an open rental, maintenance...): nothing was
+    written or sent. `error` is the domain's own, for the API to answer with."""
+
+    request_id: str
+    error: DomainError
 
 
 # --- outcomes of EjectPowerBank ---------------------------------------------------------------------

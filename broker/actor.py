@@ -9,45 +9,79 @@ from typing import Any
 import ray
 
 from actors.fleet import Fleet
+from actors.messages import CONNECTED, DISCONNECTED, SUBSCRIBED, CabinetEvent
+from actors.outbox import Outbox
+from actors.placement import owner
 from broker.service import MqttBroker
 from config import Settings
+from domain import stations
+from storage.db import Database
 from telemetry import logs, metrics
 
 log = logging.getLogger(__name__)
 
 
 class FleetRouter:
-    """CabinetRouter over Ray: each cabinet's events go to the kiosk host that owns it, in order."""
+    """CabinetRouter over Ray: each cabinet's events go to the kiosk host that owns it, in order, in
+    batches (one Ray call per host carries everything that arrived since its previous call, see
+    `actors.outbox`). Credentials are checked here, against the database, on every CONNECT: a rotated or
+    revoked secret is refused at once."""
 
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Fleet, db: Database, settings: Settings) -> None:
         self.fleet = fleet
+        self.db = db
+        self.outboxes = {
+            name: Outbox[CabinetEvent](
+                f"to-{name}",
+                self._sender(name),
+                limit=settings.outbox_limit,
+                max_batch=settings.outbox_max_batch,
+            )
+            for name in fleet.hosts
+        }
+
+    def _sender(self, name: str) -> Any:
+        async def send(batch: list[CabinetEvent]) -> None:
+            await self.fleet.by_name(name).on_cabinet_events.remote(batch)
+
+        return send
 
     async def authenticate(self, serial_number: str, password: str) -> bool:
-        ok: bool = await self.fleet.host(serial_number).authenticate.remote(serial_number, password)
-        return ok
+        async with self.db.transaction() as session:
+            stored = await stations.cabinet_secret_hash(session, serial_number)
+        return stored is not None and stations.secret_matches(password, stored)
+
+    def _post(self, serial_number: str, kind: str, payload: bytes = b"") -> None:
+        self.outboxes[owner(serial_number, self.fleet.hosts)].put((serial_number, kind, payload))
 
     def connected(self, serial_number: str) -> None:
-        self.fleet.host(serial_number).on_connect.remote(serial_number)
+        self._post(serial_number, CONNECTED)
 
     def subscribed(self, serial_number: str) -> None:
-        self.fleet.host(serial_number).on_subscribe.remote(serial_number)
+        self._post(serial_number, SUBSCRIBED)
 
     def disconnected(self, serial_number: str) -> None:
-        self.fleet.host(serial_number).on_disconnect.remote(serial_number)
+        self._post(serial_number, DISCONNECTED)
 
     def frame(self, serial_number: str, kind: str, payload: bytes) -> None:
-        self.fleet.host(serial_number).on_frame.remote(serial_number, kind, payload)
+        self._post(serial_number, kind, payload)
+
+    async def flushed(self) -> None:
+        await asyncio.gather(*(outbox.flushed() for outbox in self.outboxes.values()))
 
 
 class BrokerService:
     def __init__(self, settings: Settings) -> None:
         logs.configure(settings.log_level)
+        assert settings.database_url, "the broker gets a resolved DATABASE_URL"
         self.fleet = Fleet(settings)
+        self.db = Database(settings.database_url, pool_size=2)
+        self.router = FleetRouter(self.fleet, self.db, settings)
         self.broker = MqttBroker(
             host=settings.mqtt_host,
             port=settings.mqtt_port,
             product_key=settings.mqtt_product_key,
-            router=FleetRouter(self.fleet),
+            router=self.router,
             max_payload_bytes=settings.mqtt_max_payload_bytes,
             max_connections_per_ip=settings.mqtt_max_connections_per_ip,
             connect_timeout_s=settings.mqtt_connect_timeout_s,
@@ -73,11 +107,18 @@ class BrokerService:
         """Close the cabinet's MQTT session now (its station was deleted); whether it was connected."""
         return await self.broker.disconnect(serial_number)
 
-    async def publish_command(self, serial_number: str, payload: bytes) -> None:
-        await self.broker.publish_command(serial_number, payload)
+    async def publish_commands(self, commands: list[tuple[str, bytes]]) -> None:
+        """Commands from a kiosk host, in the order it sent them: (cabinet SN, payload), each at QoS 0."""
+        for serial_number, payload in commands:
+            await self.broker.publish_command(serial_number, payload)
+
+    async def flushed(self) -> None:
+        """Every cabinet event received so far has been handed to its kiosk host (tests)."""
+        await self.router.flushed()
 
     async def stop(self) -> None:
         await self.broker.stop()
+        await self.db.dispose()
         self._started = False
 
     def metric_families(self) -> list[Any]:

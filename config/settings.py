@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     ray_namespace: str = "powerbank"
     kiosk_hosts: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    ray_worker_niceness: int = Field(default=0, ge=0, le=19)  # a local Ray's actors (Ray's own default: 15)
 
     http_host: str = "127.0.0.1"
     http_port: int = 8010
@@ -32,6 +33,11 @@ class Settings(BaseSettings):
     mqtt_max_payload_bytes: int = 4096
     mqtt_max_connections_per_ip: int = 50
     mqtt_connect_timeout_s: float = 10.0  # a TCP connection that sends no CONNECT is closed after this
+    # Broker ⇄ kiosk hosts: events and commands go in batches, one Ray call in flight per pair (actors.outbox)
+    outbox_max_batch: int = Field(default=1000, ge=1)  # items per call at most
+    outbox_limit: int = Field(default=200_000, ge=1)  # items waiting at most; beyond, new ones are dropped
+    # kiosk hosts write changed holes (PostgreSQL) and live summaries (Redis) in batches this often
+    station_sync_interval_s: float = Field(default=0.2, gt=0)
 
     sms_backend: str = "console"
     data_dir: Path = Path("./var")

@@ -136,11 +136,15 @@ async def begin(
     station_sn: str,
     package_id: int,
     settings: Settings | None = None,
+    rental_id: uuid.UUID | None = None,
+    bank: EjectTarget | None = None,
 ) -> Rental:
     """Check the user may rent here and write the PENDING_POPUP rental (nothing is charged yet).
 
     The wallet must cover a PREPAID package's price, or POSTPAID_MIN_BALANCE for POSTPAID, plus the
-    package's deposit; a user who still owes money on an earlier rental settles it first (pay-due)."""
+    package's deposit; a user who still owes money on an earlier rental settles it first (pay-due).
+    `bank`: the power bank the cabinet is about to eject for it, recorded before the command goes out so
+    that a crash in between can be resolved from the cabinet's holes (`resolve_pending`)."""
     settings = settings or get_settings()
     station = await stations.by_serial(session, station_sn)
     if station.status == StationStatus.MAINTENANCE:
@@ -172,6 +176,7 @@ async def begin(
             }
         )
     rental = Rental(
+        id=rental_id or uuid.uuid4(),
         rental_code=secrets.token_hex(4).upper(),
         user_id=user_id,
         package_id=package.id,
@@ -179,6 +184,9 @@ async def begin(
         status=RentalStatus.PENDING_POPUP,
         payment_status=PaymentStatus.PENDING,
     )
+    if bank is not None:
+        rental.powerbank_sn, rental.slot_number = bank.powerbank_sn, bank.slot_number
+        rental.start_battery_level = bank.soc
     try:
         async with session.begin_nested():  # the savepoint first: begin_nested flushes what is pending
             session.add(rental)
@@ -188,16 +196,13 @@ async def begin(
     return rental
 
 
-async def dispatch_eject(
-    session: AsyncSession, *, rental_id: uuid.UUID, powerbank_sn: str, slot_number: int, soc: int | None
-) -> bool:
-    """Record which bank an eject is about to be sent for, so a crash can be resolved later.
-    False when the rental is no longer PENDING_POPUP: then the eject must not be sent."""
-    rental = await get(session, rental_id, lock=True)
-    if rental.status != RentalStatus.PENDING_POPUP:
-        return False
-    rental.powerbank_sn, rental.slot_number, rental.start_battery_level = powerbank_sn, slot_number, soc
-    return True
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EjectTarget:
+    """The bank a cabinet is about to eject for a rental, and where it is."""
+
+    powerbank_sn: str
+    slot_number: int
+    soc: int | None
 
 
 async def resolve_pending(
@@ -345,6 +350,23 @@ async def cancel_pending(session: AsyncSession, *, rental_id: uuid.UUID, reason:
     return rental
 
 
+async def rented_out(session: AsyncSession, powerbank_sns: list[str]) -> set[str]:
+    """Which of these banks a return would concern: out on an open rental, or written off as lost and not
+    yet recovered (see `complete_by_return`). One query, for a cabinet reporting all its banks."""
+    if not powerbank_sns:
+        return set()
+    rows = await session.scalars(
+        select(Rental.powerbank_sn).where(
+            Rental.powerbank_sn.in_(powerbank_sns),
+            or_(
+                Rental.status.in_((RentalStatus.ACTIVE, RentalStatus.OVERDUE)),
+                Rental.lost_at.is_not(None) & Rental.recovered_at.is_(None),
+            ),
+        )
+    )
+    return {sn for sn in rows if sn is not None}
+
+
 async def complete_by_return(
     session: AsyncSession,
     *,
@@ -368,8 +390,8 @@ async def complete_by_return(
         session.add(bank)
     bank.station_id, bank.slot_number, bank.rented_by, bank.soc = station.id, slot_number, None, soc
     bank.lost_at = None
-    # Its open rental or, failing that, the rental that wrote it off as lost: one query, as a snapshot
-    # full of banks (a cabinet reconnecting) calls this once per bank.
+    # Its open rental or, failing that, the rental that wrote it off as lost (`rented_out` finds the banks
+    # of a snapshot that need this).
     stmt = (
         select(Rental)
         .where(

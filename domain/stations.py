@@ -9,12 +9,13 @@ import logging
 import math
 import secrets
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from sqlalchemy import delete, func, literal, or_, select
 from sqlalchemy import update as update_
 from sqlalchemy.dialects.postgresql import aggregate_order_by, insert
@@ -120,60 +121,79 @@ async def list_page(session: AsyncSession, *, page: int, page_size: int) -> tupl
     return rows.all(), count
 
 
-async def record_snapshot(session: AsyncSession, *, serial_number: str, slots: Sequence[SlotReport]) -> None:
-    """Keep the durable copy of a cabinet's holes and where each power bank is."""
-    station = await by_serial(session, serial_number)
+async def record_snapshots(session: AsyncSession, snapshots: Mapping[str, Sequence[SlotReport]]) -> None:
+    """Keep the durable copy of many cabinets' holes (and where each power bank is) in a few statements.
+
+    A bank that is rented out is left as its rental put it: only a return (or the reconciliation of a
+    return whose 0x40 was lost) brings it back, so a snapshot that was taken before an eject and written
+    after it cannot undo the eject's bookkeeping."""
+    ids = dict(
+        (
+            await session.execute(
+                select(Station.serial_number, Station.id).where(Station.serial_number.in_(list(snapshots)))
+            )
+        )
+        .tuples()
+        .all()
+    )
     now = datetime.now(UTC)
-    if slots:
-        stmt = insert(Slot).values(
-            [
+    slot_rows, bank_rows = [], {}
+    for serial_number, slots in snapshots.items():
+        station_id = ids.get(serial_number)
+        if station_id is None:  # deleted meanwhile
+            continue
+        for s in slots:
+            slot_rows.append(
                 {
-                    "station_id": station.id,
+                    "station_id": station_id,
                     "slot_number": s.slot_number,
                     "state": s.state,
                     "powerbank_sn": s.powerbank_sn,
                     "updated_at": now,
                 }
-                for s in slots
-            ]
-        )
+            )
+            if s.powerbank_sn:
+                bank_rows[s.powerbank_sn] = {  # a bank seen in two cabinets of the batch: the later wins
+                    "serial_number": s.powerbank_sn,
+                    "soc": s.soc,
+                    "station_id": station_id,
+                    "slot_number": s.slot_number,
+                    "updated_at": now,
+                }
+    for chunk in _chunks(slot_rows, SNAPSHOT_ROWS_PER_STATEMENT):
+        stmt = insert(Slot).values(chunk)
         await session.execute(
             stmt.on_conflict_do_update(
                 index_elements=["station_id", "slot_number"],
                 set_={
                     "state": stmt.excluded.state,
                     "powerbank_sn": stmt.excluded.powerbank_sn,
-                    "updated_at": now,
+                    "updated_at": stmt.excluded.updated_at,
                 },
             )
         )
-    banks = [s for s in slots if s.powerbank_sn]
-    if banks:
-        stmt_b = insert(PowerBank).values(
-            [
-                {
-                    "serial_number": s.powerbank_sn,
-                    "soc": s.soc,
-                    "station_id": station.id,
-                    "slot_number": s.slot_number,
-                    "rented_by": None,
-                    "updated_at": now,
-                }
-                for s in banks
-            ]
-        )
+    for chunk in _chunks(list(bank_rows.values()), SNAPSHOT_ROWS_PER_STATEMENT):
+        stmt_b = insert(PowerBank).values(chunk)
         await session.execute(
             stmt_b.on_conflict_do_update(
                 index_elements=["serial_number"],
                 set_={
                     "soc": stmt_b.excluded.soc,
-                    "station_id": station.id,
+                    "station_id": stmt_b.excluded.station_id,
                     "slot_number": stmt_b.excluded.slot_number,
-                    "rented_by": None,
-                    "updated_at": now,
+                    "updated_at": stmt_b.excluded.updated_at,
                 },
+                where=PowerBank.rented_by.is_(None),
             )
         )
+
+
+SNAPSHOT_ROWS_PER_STATEMENT = 1000  # 5 parameters a row: well under PostgreSQL's 32,767 per statement
+
+
+def _chunks(rows: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
 
 
 async def record_event(
@@ -296,7 +316,7 @@ async def durable_views(
 # stations table no longer matches the fingerprint stored beside it (so stations provisioned before the
 # index existed, a flushed Redis or a new station all converge on the next query). GEO_AVAILABLE_KEY holds
 # the stations that are online with at least one rentable power bank; the kiosk hosts keep it current from
-# the live summaries they write (`refresh_geo_availability` after every status change), and a rebuild
+# the live summaries they write (`stage_geo_availability` with every status change), and a rebuild
 # recomputes it from those summaries. Both updates run as Lua scripts, so one always sees a station's
 # summary and position together.
 
@@ -389,11 +409,10 @@ async def ensure_geo_index(session: AsyncSession, redis: Redis, *, live_key: Liv
     return True
 
 
-async def refresh_geo_availability(redis: Redis, serial_number: str, *, live: str) -> bool:
-    """Put the station in (or take it out of) the available set from its live summary; whether it is in."""
-    keys = [GEO_KEY, GEO_AVAILABLE_KEY, live]
-    result = await redis.eval(_REFRESH_ONE, len(keys), *keys, serial_number)
-    return bool(result)
+def stage_geo_availability(pipe: Pipeline, serial_number: str, *, live: str) -> None:
+    """Put the station in (or take it out of) the available set from its live summary, staged in a pipeline
+    (a kiosk host writes many summaries at once)."""
+    pipe.eval(_REFRESH_ONE, 3, GEO_KEY, GEO_AVAILABLE_KEY, live, serial_number)
 
 
 async def nearby_page(

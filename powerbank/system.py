@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,12 +31,18 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(settings: Settings) -> None:
-    """Join RAY_ADDRESS, or start a private local Ray (own temp dir, no dashboard)."""
+    """Join RAY_ADDRESS, or start a private local Ray (own temp dir, no dashboard).
+
+    Ray starts its workers (the broker, the kiosk hosts, the scheduler) at nice 15 unless told otherwise,
+    so under load the API process (nice 0) took the CPU the actors needed to answer it. A local Ray runs
+    them at RAY_WORKER_NICENESS (default 0: the same as the API); a cluster's nodes are started with
+    `RAY_worker_niceness` in their environment (docker-compose.yaml)."""
     if ray.is_initialized():
         return
     if settings.ray_address:
         ray.init(address=settings.ray_address, namespace=settings.ray_namespace, log_to_driver=True)
         return
+    os.environ["RAY_worker_niceness"] = str(settings.ray_worker_niceness)  # read by the raylet ray.init starts
     ray.init(
         namespace=settings.ray_namespace,
         include_dashboard=False,

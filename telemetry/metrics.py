@@ -54,6 +54,15 @@ FIRMWARE_REQUESTS = Counter(
 FIRMWARE_UPLOADS_IGNORED = Counter(
     "powerbank_firmware_uploads_ignored", "HTTP snapshot uploads not applied, by what was done", ["reason"]
 )
+OUTBOX_DROPPED = Counter(
+    "powerbank_outbox_dropped", "Cabinet events or commands dropped between processes", ["outbox"]
+)
+OUTBOX_BATCH = Histogram(
+    "powerbank_outbox_batch_items",
+    "Items per call between the broker and the kiosk hosts",
+    ["outbox"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
 LOGINS_LOCKED_OUT = Counter("powerbank_logins_locked_out", "Lock-outs")
 AUTH_FAILURES = Counter(
     "powerbank_auth_failures", "Refused one-time codes and tokens", ["reason"]

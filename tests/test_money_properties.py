@@ -463,9 +463,17 @@ class MoneyMachine(RuleBasedStateMachine):
             if user.balance < floor + package.deposit:
                 expected = InsufficientBalance
 
-        async def begin(session: Any) -> Any:
+        pool = self.banks[sn]
+        bank, slot = pool[0] if pool else (f"MB{uuid.uuid4().hex[:12].upper()}", h.slot(sn))
+
+        async def begin(session: Any) -> Any:  # the kiosk chose the bank: recorded with the rental
             rental = await rentals.begin(
-                session, user_id=user.id, station_sn=sn, package_id=package.id, settings=h.settings
+                session,
+                user_id=user.id,
+                station_sn=sn,
+                package_id=package.id,
+                settings=h.settings,
+                bank=rentals.EjectTarget(powerbank_sn=bank, slot_number=slot, soc=90),
             )
             return rental.id
 
@@ -479,17 +487,10 @@ class MoneyMachine(RuleBasedStateMachine):
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 expect(outcome, ActiveRentalExists)
-        pool = self.banks[sn]
-        bank, slot = pool.pop(0) if pool else (f"MB{uuid.uuid4().hex[:12].upper()}", h.slot(sn))
+        if pool:
+            pool.pop(0)
         rental = RentalM(id=winners[0], user=who, pkg=package, bank=bank, station=sn)
         user.rentals.append(rental)
-
-        async def dispatch(session: Any) -> bool:
-            return await rentals.dispatch_eject(
-                session, rental_id=rental.id, powerbank_sn=bank, slot_number=slot, soc=90
-            )
-
-        assert h.run(self.tx(dispatch)()) is True
         if eject == "pending":
             self.pending[rental.id] = (bank, slot)
             return

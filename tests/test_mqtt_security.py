@@ -92,9 +92,9 @@ async def test_a_cabinet_never_receives_another_cabinets_commands(
 
     # B's commands go to B only; A's next message is the marker sent to A after them
     for _ in range(3):
-        await system.broker.publish_command.remote(b.sn, rentbox.check())
+        await system.broker.publish_commands.remote([(b.sn, rentbox.check())])
     marker = b'{"cmd":"check","marker":"spy"}'
-    await system.broker.publish_command.remote(a.username, marker)
+    await system.broker.publish_commands.remote([(a.username, marker)])
     received: list[Msg] = []
     while not received or received[-1].payload != marker:
         received.append(await spy.next(within=5))

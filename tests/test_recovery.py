@@ -41,7 +41,7 @@ async def test_a_killed_kiosk_host_is_restarted_and_loses_nothing(
     try:
         fleet = system.services.fleet
         for name in {owner(station_a.sn, fleet.hosts), owner(station_b.sn, fleet.hosts)}:
-            ray.kill(fleet._handle(name), no_restart=False)
+            ray.kill(fleet.by_name(name), no_restart=False)
 
         # Restarted hosts rebuild their kiosks from the database and resync with the connected cabinets.
         await wait_ready(client, token, station_a.sn)
@@ -105,11 +105,11 @@ async def test_rentals_left_pending_are_settled_from_the_cabinets_holes(
         for user, (hole, sn) in ((gone_user, (in_hole[0], "87654321")), (kept_user, in_hole)):
             async with db.transaction() as session:
                 pending = await rentals.begin(
-                    session, user_id=uuid.UUID(user["user"]["id"]), station_sn=station.sn, package_id=1
-                )
-                await session.flush()
-                await rentals.dispatch_eject(
-                    session, rental_id=pending.id, powerbank_sn=sn, slot_number=hole, soc=80
+                    session,
+                    user_id=uuid.UUID(user["user"]["id"]),
+                    station_sn=station.sn,
+                    package_id=1,
+                    bank=rentals.EjectTarget(powerbank_sn=sn, slot_number=hole, soc=80),
                 )
                 await session.execute(
                     update(Rental)

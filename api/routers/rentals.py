@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import uuid
+
 from fastapi import APIRouter, Response, status
 
 from actors.messages import (
@@ -12,12 +14,14 @@ from actors.messages import (
     KioskOffline,
     KioskTimedOut,
     NoPowerBank,
+    RentRefused,
+    RentRequest,
 )
 from api.deps import CurrentUser, PagingDep, Services, ServicesDep, SessionDep
 from api.envelope import Envelope, Page, ok
 from api.idempotency import IdempotencyDep
 from api.schemas import PackageOut, RentalOut, RentIn
-from domain import rentals, stations
+from domain import rentals
 from domain.errors import (
     CabinetBusy,
     DomainError,
@@ -36,19 +40,22 @@ async def list_packages(user: CurrentUser, session: SessionDep) -> Envelope[list
     return ok([PackageOut.of(p) for p in await rentals.packages(session)])
 
 
-def _refusal(outcome: EjectOutcome) -> DomainError:
+def _refusal(outcome: EjectOutcome, station_sn: str) -> DomainError:
+    """The error for a rent the cabinet did not serve. Refused before any rental was written (offline,
+    not ready, no bank, busy): about the station. After (the eject failed or is unconfirmed): about the
+    rental, which is CANCELLED with nothing charged, or stays PENDING_POPUP until the cabinet reports."""
     context = {"rental_id": outcome.request_id, "charged": "0.00"}
     match outcome:
         case KioskOffline():
-            return StationOffline(context=context)
+            return StationOffline(context={"station_sn": station_sn})
         case KioskNotReady():
-            return StationNotReady(context=context)
+            return StationNotReady(context={"station_sn": station_sn})
         case NoPowerBank():
-            return NoPowerBankAvailable(context=context)
+            return NoPowerBankAvailable(context={"station_sn": station_sn})
+        case KioskBusy():
+            return CabinetBusy(context={"station_sn": station_sn})
         case EjectRefused(code=code):
             return EjectFailed(context={**context, "code": f"0x{code:02X}"})
-        case KioskBusy():
-            return CabinetBusy(context=context)
         case EjectUnconfirmed():
             return EjectFailed(
                 "The cabinet stopped answering mid-eject; nothing is charged unless it confirms the"
@@ -68,29 +75,17 @@ async def start_rental(
 
 
 async def _start_rental(body: RentIn, user: User, svc: Services) -> Envelope[RentalOut]:
-    """Write a PENDING_POPUP rental, have the cabinet eject, answer with the rental as it then stands."""
-    async with svc.db.transaction() as session:
-        await stations.by_serial(session, body.station_sn)
-    live = await svc.fleet.status(body.station_sn)
-    if live is None or not live.online:
-        raise StationOffline(context={"station_sn": body.station_sn})
-    if not live.ready:
-        raise StationNotReady(context={"station_sn": body.station_sn})
-    if live.available_power_banks == 0:
-        raise NoPowerBankAvailable(context={"station_sn": body.station_sn})
-    async with svc.db.transaction() as session:
-        rental = await rentals.begin(
-            session,
-            user_id=user.id,
-            station_sn=body.station_sn,
-            package_id=body.package_id,
-            settings=svc.settings,
-        )
-    outcome = await svc.fleet.rent(body.station_sn, str(rental.id))
+    """Have the station's kiosk eject a bank for a new rental (its host applies the rental rules and records
+    the rental around the eject), then answer with the rental as it stands."""
+    rental_id = uuid.uuid4()
+    request = RentRequest(rental_id=str(rental_id), user_id=str(user.id), package_id=body.package_id)
+    outcome = await svc.fleet.rent(body.station_sn, request)
+    if isinstance(outcome, RentRefused):
+        raise outcome.error
     if not isinstance(outcome, Ejected):
-        raise _refusal(outcome)
+        raise _refusal(outcome, body.station_sn)
     async with svc.db.transaction() as session:
-        rental = await rentals.get(session, rental.id)
+        rental = await rentals.get(session, rental_id)
     return ok(RentalOut.of(rental), "Take your power bank.")
 
 
