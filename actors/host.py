@@ -21,6 +21,7 @@ from typing import Any
 import ray
 from redis.asyncio import Redis
 
+from actors.batching import Lookup, Outbox
 from actors.kiosk import HTTP_UPLOAD, Kiosk, KioskConfig, Returned
 from actors.messages import (
     CabinetConnected,
@@ -44,7 +45,6 @@ from actors.messages import (
     kiosk_message,
     outcome_reason,
 )
-from actors.outbox import Outbox
 from actors.placement import host_names, owner
 from actors.sync import StationSync
 from config import Settings
@@ -55,6 +55,7 @@ from storage.db import Database
 from telemetry import logs, metrics
 
 log = logging.getLogger(__name__)
+SettleKey = tuple[str, tuple[str, ...]]  # (station SN, power banks that appeared in its holes)
 BROKER_ACTOR = "mqtt-broker"
 
 
@@ -87,6 +88,10 @@ class KioskHost:
         self.kiosks: dict[str, Kiosk] = {}
         self._loading: dict[str, list[KioskMessage]] = {}  # messages for kiosks being built, in order
         self._loads: set[asyncio.Task[None]] = set()
+        self._models = Lookup[str, StationModel | None](self._station_models, default=None)
+        self._settle_checks = Lookup[SettleKey, tuple[set[str], bool]](
+            self._to_settle, default=(set(), False)
+        )
         self._broker: Any = None
         self._commands = Outbox[tuple[str, bytes]](
             f"{name}-to-broker",
@@ -194,11 +199,15 @@ class KioskHost:
         await self.started()
         kiosk = self.kiosks.get(serial_number)
         if kiosk is None:
-            async with self.db.transaction() as session:
-                model = await stations.station_model(session, serial_number)
-            if model is not None:
+            model = await self._models.get(serial_number)
+            kiosk = self.kiosks.get(serial_number)  # built meanwhile?
+            if kiosk is None and model is not None:
                 kiosk = self.kiosks[serial_number] = self._kiosk(model)
         return kiosk
+
+    async def _station_models(self, serial_numbers: list[str]) -> dict[str, StationModel | None]:
+        async with self.db.transaction() as session:
+            return dict(await stations.station_models(session, serial_numbers))
 
     async def _tell(self, serial_number: str, message: KioskMessage) -> None:
         kiosk = await self._owned(serial_number)
@@ -421,8 +430,14 @@ class KioskHost:
     async def reconcile(
         self, serial_number: str, *, present: set[str], appeared: list[Returned], in_flight: str | None
     ) -> None:
+        """Close the rentals of banks that came back without a 0x40 reaching us, and settle the station's
+        PENDING_POPUP rentals from its holes. Usually there is nothing to do (a cabinet reconnecting with its
+        own banks): one query, shared by every kiosk asking meanwhile, tells."""
+        banks = tuple(sorted(bank.powerbank_sn for bank in appeared))
+        rented, pending = await self._settle_checks.get((serial_number, banks))
+        if not rented and not pending:
+            return
         async with self.db.transaction() as session:
-            rented = await rentals.rented_out(session, [bank.powerbank_sn for bank in appeared])
             for bank in appeared:
                 if bank.powerbank_sn not in rented:  # in its hole all along, as far as rentals know
                     continue
@@ -436,9 +451,18 @@ class KioskHost:
                         kind="return_reconciled",
                         payload={"slot_number": bank.slot_number, "powerbank_sn": bank.powerbank_sn},
                     )
-            await rentals.resolve_pending(
-                session, station_sn=serial_number, present=present, exclude=in_flight
-            )
+            if pending:
+                await rentals.resolve_pending(
+                    session, station_sn=serial_number, present=present, exclude=in_flight
+                )
+
+    async def _to_settle(self, keys: list[SettleKey]) -> dict[SettleKey, tuple[set[str], bool]]:
+        """For each (station, banks that appeared): the banks out on a rental, whether it has PENDING_POPUP
+        rentals."""
+        async with self.db.transaction() as session:
+            rented = await rentals.rented_out(session, [bank for _, banks in keys for bank in banks])
+            pending = await rentals.stations_with_pending(session, [sn for sn, _ in keys])
+        return {(sn, banks): (rented.intersection(banks), sn in pending) for sn, banks in keys}
 
     async def status_changed(self, status: KioskStatus) -> None:
         """The station's live summary (for station lists and the geo index) and the fleet gauges."""

@@ -8,8 +8,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Response
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import api.routers
 from api import limits
@@ -24,6 +25,35 @@ def routers() -> list[APIRouter]:
     """Every `router` of the modules in `api/routers/`, in name order: one module per domain."""
     names = sorted(m.name for m in pkgutil.iter_modules(api.routers.__path__))
     return [importlib.import_module(f"api.routers.{name}").router for name in names]
+
+
+class ObserveLatency:
+    """`powerbank_http_request_seconds{route, method, status}`, as pure ASGI middleware (Starlette's
+    BaseHTTPMiddleware cost about 0.5 ms of CPU per request)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.HTTP_SECONDS.labels(route=route, method=scope["method"], status=str(status)).observe(
+                time.perf_counter() - started
+            )
 
 
 def create_app(
@@ -46,16 +76,7 @@ def create_app(
         app.include_router(router)
     mount_admin(app, services)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.HTTP_SECONDS.labels(
-            route=path, method=request.method, status=str(response.status_code)
-        ).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(ObserveLatency)
 
     @app.get("/healthz", tags=["system"])
     async def healthz() -> dict[str, str]:

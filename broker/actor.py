@@ -8,9 +8,9 @@ from typing import Any
 
 import ray
 
+from actors.batching import Lookup, Outbox
 from actors.fleet import Fleet
 from actors.messages import CONNECTED, DISCONNECTED, SUBSCRIBED, CabinetEvent
-from actors.outbox import Outbox
 from actors.placement import owner
 from broker.service import MqttBroker
 from config import Settings
@@ -24,12 +24,14 @@ log = logging.getLogger(__name__)
 class FleetRouter:
     """CabinetRouter over Ray: each cabinet's events go to the kiosk host that owns it, in order, in
     batches (one Ray call per host carries everything that arrived since its previous call, see
-    `actors.outbox`). Credentials are checked here, against the database, on every CONNECT: a rotated or
+    `actors.batching`). Credentials are checked here, against the database, on every CONNECT: a rotated or
     revoked secret is refused at once."""
 
     def __init__(self, fleet: Fleet, db: Database, settings: Settings) -> None:
         self.fleet = fleet
         self.db = db
+        # Read for every CONNECT (never cached), one query for all the CONNECTs that arrive meanwhile
+        self._secrets = Lookup[str, str | None](self._secret_hashes, default=None)
         self.outboxes = {
             name: Outbox[CabinetEvent](
                 f"to-{name}",
@@ -47,9 +49,12 @@ class FleetRouter:
         return send
 
     async def authenticate(self, serial_number: str, password: str) -> bool:
-        async with self.db.transaction() as session:
-            stored = await stations.cabinet_secret_hash(session, serial_number)
+        stored = await self._secrets.get(serial_number)
         return stored is not None and stations.secret_matches(password, stored)
+
+    async def _secret_hashes(self, serial_numbers: list[str]) -> dict[str, str | None]:
+        async with self.db.transaction() as session:
+            return dict(await stations.cabinet_secret_hashes(session, serial_numbers))
 
     def _post(self, serial_number: str, kind: str, payload: bytes = b"") -> None:
         self.outboxes[owner(serial_number, self.fleet.hosts)].put((serial_number, kind, payload))

@@ -144,22 +144,36 @@ async def begin(
     The wallet must cover a PREPAID package's price, or POSTPAID_MIN_BALANCE for POSTPAID, plus the
     package's deposit; a user who still owes money on an earlier rental settles it first (pay-due).
     `bank`: the power bank the cabinet is about to eject for it, recorded before the command goes out so
-    that a crash in between can be resolved from the cabinet's holes (`resolve_pending`)."""
+    that a crash in between can be resolved from the cabinet's holes (`resolve_pending`). After
+    ActiveRentalExists the transaction cannot go on (roll it back)."""
     settings = settings or get_settings()
-    station = await stations.by_serial(session, station_sn)
+    station = (
+        await session.execute(select(Station.id, Station.status).where(Station.serial_number == station_sn))
+    ).first()
+    if station is None:
+        raise NotFound(f"Station {station_sn} not found.", context={"serial_number": station_sn})
     if station.status == StationStatus.MAINTENANCE:
         raise StationMaintenance(context={"station_sn": station_sn})
     package = await session.get(RentalPackage, package_id)
     if package is None or not package.is_active:
         raise NotFound("Package not found.", context={"package_id": package_id})
-    if await open_rental(session, user_id) is not None:
+    earlier = (
+        await session.execute(  # an open rental, or one with money still owed on it
+            select(Rental.id, Rental.status, Rental.overdue_amount)
+            .where(
+                Rental.user_id == user_id,
+                or_(Rental.status.in_(OPEN_RENTAL_STATUSES), Rental.overdue_amount > 0),
+            )
+            .order_by(Rental.status.in_(OPEN_RENTAL_STATUSES).desc())
+            .limit(1)
+        )
+    ).all()
+    if earlier and earlier[0].status in OPEN_RENTAL_STATUSES:
         raise ActiveRentalExists()
     if settings.kyc_required_to_rent:
         await kyc.require_approved(session, user_id)
-    owing = await session.scalar(
-        select(Rental).where(Rental.user_id == user_id, Rental.overdue_amount > 0).limit(1)
-    )
-    if owing is not None:
+    if earlier:
+        owing = earlier[0]
         raise InsufficientBalance(
             "Settle what you owe on your last rental first.",
             context={"rental_id": str(owing.id), "due": str(owing.overdue_amount), "currency": "NPR"},
@@ -187,11 +201,10 @@ async def begin(
     if bank is not None:
         rental.powerbank_sn, rental.slot_number = bank.powerbank_sn, bank.slot_number
         rental.start_battery_level = bank.soc
+    session.add(rental)
     try:
-        async with session.begin_nested():  # the savepoint first: begin_nested flushes what is pending
-            session.add(rental)
-            await session.flush()
-    except IntegrityError as exc:  # a concurrent request for the same user won the race
+        await session.flush()
+    except IntegrityError as exc:  # a concurrent request for the same user won: this transaction is over
         raise ActiveRentalExists() from exc
     return rental
 
@@ -365,6 +378,17 @@ async def rented_out(session: AsyncSession, powerbank_sns: list[str]) -> set[str
         )
     )
     return {sn for sn in rows if sn is not None}
+
+
+async def stations_with_pending(session: AsyncSession, station_sns: list[str]) -> set[str]:
+    """Which of these stations have PENDING_POPUP rentals (to be settled from their holes)."""
+    rows = await session.scalars(
+        select(Station.serial_number)
+        .join(Rental, Rental.station_id == Station.id)
+        .where(Station.serial_number.in_(station_sns), Rental.status == RentalStatus.PENDING_POPUP)
+        .distinct()
+    )
+    return set(rows.all())
 
 
 async def complete_by_return(

@@ -94,23 +94,35 @@ async def by_serial(session: AsyncSession, serial_number: str, *, lock: bool = F
 
 
 async def station_model(session: AsyncSession, serial_number: str) -> StationModel | None:
-    station = (
-        await session.execute(select(Station).where(Station.serial_number == serial_number))
-    ).scalar_one_or_none()
-    if station is None:
-        return None
-    return StationModel(
-        serial_number=station.serial_number,
-        boards=station.boards,
-        holes_per_board=station.holes_per_board,
-        maintenance=station.status == "MAINTENANCE",
-    )
+    return (await station_models(session, [serial_number])).get(serial_number)
 
 
-async def cabinet_secret_hash(session: AsyncSession, serial_number: str) -> str | None:
-    return await session.scalar(
-        select(Station.mqtt_secret_hash).where(Station.serial_number == serial_number)
+async def station_models(session: AsyncSession, serial_numbers: Sequence[str]) -> dict[str, StationModel]:
+    """What kiosks need of these stations (those that exist), in one query."""
+    rows = await session.execute(
+        select(Station.serial_number, Station.boards, Station.holes_per_board, Station.status).where(
+            Station.serial_number.in_(serial_numbers)
+        )
     )
+    return {
+        sn: StationModel(
+            serial_number=sn,
+            boards=boards,
+            holes_per_board=holes,
+            maintenance=status == StationStatus.MAINTENANCE,
+        )
+        for sn, boards, holes, status in rows.tuples()
+    }
+
+
+async def cabinet_secret_hashes(session: AsyncSession, serial_numbers: Sequence[str]) -> dict[str, str]:
+    """The stored hash of each provisioned cabinet's MQTT secret, in one query (a connect storm)."""
+    rows = await session.execute(
+        select(Station.serial_number, Station.mqtt_secret_hash).where(
+            Station.serial_number.in_(serial_numbers)
+        )
+    )
+    return dict(rows.tuples().all())
 
 
 async def list_page(session: AsyncSession, *, page: int, page_size: int) -> tuple[Sequence[Station], int]:

@@ -11,9 +11,10 @@ import uuid
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import func, select, text
+from sqlalchemy import case, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from domain.errors import InsufficientBalance, ValidationFailed
 from domain.pricing import money
@@ -29,20 +30,44 @@ class Movement:
     applied: bool  # False when this reference had already moved money (a retry)
 
 
+def _locked(session: AsyncSession) -> dict[int, Account]:
+    """The accounts this transaction holds FOR UPDATE, by id: their balances in memory are current (only
+    `transfer` changes a balance, and it keeps the objects in step), so they are not read again."""
+    current = session.sync_session.get_transaction()
+    held: tuple[object, dict[int, Account]] | None = session.info.get(_LOCKED)
+    if held is None or held[0] is not current:
+        held = session.info[_LOCKED] = (current, {})
+    return held[1]
+
+
+_LOCKED = "wallet.locked_accounts"
+
+
 async def wallet_for(session: AsyncSession, user_id: uuid.UUID, *, lock: bool = False) -> Account:
     """The user's wallet account, created on first use."""
+    locked = _locked(session)
+    for held in locked.values():
+        if held.user_id == user_id:
+            return held
     stmt = select(Account).where(Account.kind == AccountKind.WALLET, Account.user_id == user_id)
-    account = (await session.execute(stmt.with_for_update() if lock else stmt)).scalar_one_or_none()
+    if lock:
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    account = (await session.execute(stmt)).scalar_one_or_none()
     if account is None:
         account = Account(kind=AccountKind.WALLET, user_id=user_id, balance=Decimal("0.00"))
         session.add(account)
         await session.flush()
         if lock:
             await session.execute(select(Account.id).where(Account.id == account.id).with_for_update())
+    if lock:
+        locked[account.id] = account
     return account
 
 
 async def system_account(session: AsyncSession, kind: AccountKind) -> Account:
+    for account in _locked(session).values():
+        if account.kind == kind and account.user_id is None:
+            return account
     stmt = select(Account).where(Account.kind == kind, Account.user_id.is_(None))
     return (await session.execute(stmt)).scalar_one()
 
@@ -62,13 +87,26 @@ async def transfer(
         raise ValidationFailed("Amounts must be positive.", context={"amount": str(amount)})
     # The wallet first, then system accounts by id: every path that pre-locks a wallet (charge_up_to,
     # hold) takes its locks in the same order as this, so two operations never wait on each other.
-    for account in sorted((source, target), key=lambda a: (a.kind != AccountKind.WALLET, a.id)):
-        await session.refresh(account, with_for_update=True)
-    done = await session.scalar(
-        select(LedgerEntry).where(
-            LedgerEntry.account_id == target.id, LedgerEntry.reference == reference, LedgerEntry.type == type
+    locked = _locked(session)
+    to_lock = [a.id for a in (source, target) if a.id not in locked]
+    if to_lock:
+        rows = await session.execute(
+            select(Account)
+            .where(Account.id.in_(to_lock))
+            .order_by(Account.kind != AccountKind.WALLET, Account.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
         )
-    )
+        locked.update((a.id, a) for a in rows.scalars())
+    done = (
+        await session.execute(
+            select(LedgerEntry.transfer_id, LedgerEntry.balance_after).where(
+                LedgerEntry.account_id == target.id,
+                LedgerEntry.reference == reference,
+                LedgerEntry.type == type,
+            )
+        )
+    ).first()
     if done is not None:
         return Movement(
             transfer_id=done.transfer_id, amount=amount, balance_after=done.balance_after, applied=False
@@ -76,29 +114,29 @@ async def transfer(
     if source.kind == AccountKind.WALLET and source.balance < amount:
         raise InsufficientBalance(context={"balance": str(source.balance), "required": str(amount)})
     transfer_id = uuid.uuid4()
-    source.balance = money(source.balance - amount)
-    target.balance = money(target.balance + amount)
-    session.add_all(
-        [
-            LedgerEntry(
-                transfer_id=transfer_id,
-                account_id=source.id,
-                type=type,
-                amount=-amount,
-                balance_after=source.balance,
-                reference=reference,
-            ),
-            LedgerEntry(
-                transfer_id=transfer_id,
-                account_id=target.id,
-                type=type,
-                amount=amount,
-                balance_after=target.balance,
-                reference=reference,
-            ),
-        ]
+    balances = {source.id: money(source.balance - amount), target.id: money(target.balance + amount)}
+    await session.execute(
+        update(Account)
+        .where(Account.id.in_(list(balances)))
+        .values(balance=case(balances, value=Account.id))
+        .execution_options(synchronize_session=False)
     )
-    await session.flush()
+    await session.execute(
+        insert(LedgerEntry),
+        [
+            {
+                "transfer_id": transfer_id,
+                "account_id": account.id,
+                "type": type,
+                "amount": signed,
+                "balance_after": balances[account.id],
+                "reference": reference,
+            }
+            for account, signed in ((source, -amount), (target, amount))
+        ],
+    )
+    for account in (source, target):  # in step with the row, and not "changed" for the ORM to write again
+        set_committed_value(account, "balance", balances[account.id])
     LEDGER_ENTRIES.labels(type=type.value).inc(2)
     wallet_side = source if source.kind == AccountKind.WALLET else target
     signed = -amount if wallet_side is source else amount

@@ -260,6 +260,8 @@ class Rental(Base):
             unique=True,
             postgresql_where=text("status IN ('ACTIVE', 'OVERDUE')"),
         ),
+        # PENDING_POPUP rentals by station: looked up on every cabinet's first snapshot
+        Index("ix_rentals_pending_by_station", "station_id", postgresql_where=text("status = 'PENDING_POPUP'")),
     )
 
 
