@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     mqtt_max_payload_bytes: int = 4096
     mqtt_max_connections_per_ip: int = 50
     mqtt_connect_timeout_s: float = 10.0  # a TCP connection that sends no CONNECT is closed after this
-    # Broker ⇄ kiosk hosts: events and commands go in batches, one Ray call in flight per pair (actors.batching)
+    # Broker ⇄ kiosk hosts: events and commands go in batches, one Ray call in flight (actors.batching)
     outbox_max_batch: int = Field(default=1000, ge=1)  # items per call at most
     outbox_limit: int = Field(default=200_000, ge=1)  # items waiting at most; beyond, new ones are dropped
     # kiosk hosts write changed holes (PostgreSQL) and live summaries (Redis) in batches this often

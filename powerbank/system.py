@@ -42,7 +42,7 @@ def init_ray(settings: Settings) -> None:
     if settings.ray_address:
         ray.init(address=settings.ray_address, namespace=settings.ray_namespace, log_to_driver=True)
         return
-    os.environ["RAY_worker_niceness"] = str(settings.ray_worker_niceness)  # read by the raylet ray.init starts
+    os.environ["RAY_worker_niceness"] = str(settings.ray_worker_niceness)  # read by the raylet it starts
     ray.init(
         namespace=settings.ray_namespace,
         include_dashboard=False,

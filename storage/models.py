@@ -261,7 +261,9 @@ class Rental(Base):
             postgresql_where=text("status IN ('ACTIVE', 'OVERDUE')"),
         ),
         # PENDING_POPUP rentals by station: looked up on every cabinet's first snapshot
-        Index("ix_rentals_pending_by_station", "station_id", postgresql_where=text("status = 'PENDING_POPUP'")),
+        Index(
+            "ix_rentals_pending_by_station", "station_id", postgresql_where=text("status = 'PENDING_POPUP'")
+        ),
     )
 
 
