@@ -131,17 +131,3 @@ class Fleet:
 
     async def drained(self) -> None:
         await asyncio.gather(*(self.by_name(name).drained.remote() for name in self.hosts))
-
-    async def metric_families(self, timeout_s: float = 2.0) -> list[Any]:
-        """Every host's metric families; a host that does not answer in time is left out and logged."""
-        refs = [self.by_name(name).metric_families.remote() for name in self.hosts]
-        results = await asyncio.gather(
-            *(asyncio.wait_for(ref, timeout_s) for ref in refs), return_exceptions=True
-        )
-        families: list[Any] = []
-        for name, result in zip(self.hosts, results, strict=True):
-            if isinstance(result, BaseException):
-                log.warning("event=metrics_unavailable host=%s error=%r", name, result)
-            else:
-                families.extend(result)
-        return families

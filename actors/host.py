@@ -22,6 +22,7 @@ import ray
 from redis.asyncio import Redis
 
 from actors.batching import Lookup, Outbox
+from actors.bus import Stream, commands_stream, events_stream
 from actors.kiosk import HTTP_UPLOAD, Kiosk, KioskConfig, Returned
 from actors.messages import (
     CabinetConnected,
@@ -93,9 +94,10 @@ class KioskHost:
             self._to_settle, default=(set(), False)
         )
         self._broker: Any = None
+        self._events = Stream(self.redis, events_stream(settings.ray_namespace, name))
         self._commands = Outbox[tuple[str, bytes]](
             f"{name}-to-broker",
-            self._send_commands,
+            Stream(self.redis, commands_stream(settings.ray_namespace)).send,
             limit=settings.outbox_limit,
             max_batch=settings.outbox_max_batch,
         )
@@ -128,6 +130,7 @@ class KioskHost:
         await asyncio.shield(self._started)
 
     async def _rebuild(self) -> None:
+        await self._events.start_reading(self.on_cabinet_events)  # what arrives meanwhile waits in _loading
         async with self.db.transaction() as session:
             views = await stations.durable_views(session)
         for model, known in views:
@@ -149,7 +152,7 @@ class KioskHost:
     # --- the cabinet's session, as the broker sees it ------------------------------------------------
     async def on_cabinet_events(self, events: list[CabinetEvent]) -> None:
         """What the broker saw of this host's cabinets (connects, subscribes, disconnects, frames), in arrival
-        order, one batch per call (`broker.actor.FleetRouter`)."""
+        order, one batch at a time (`broker.actor.FleetRouter`, over `actors.bus`)."""
         ready = self._started is not None and self._started.done()
         for serial_number, kind, payload in events:
             message = kiosk_message(kind, payload)
@@ -372,9 +375,6 @@ class KioskHost:
         """Queue a command for the broker (sent in order, batched with the others of this host)."""
         self._commands.put((serial_number, payload))
 
-    async def _send_commands(self, commands: list[tuple[str, bytes]]) -> None:
-        await self._broker_actor().publish_commands.remote(commands)
-
     async def eject_dispatched(
         self, request_id: str, slot_number: int, powerbank_sn: str, soc: int | None
     ) -> bool:
@@ -382,8 +382,11 @@ class KioskHost:
         PENDING_POPUP rental with its bank. False (nothing is sent) when the rules refuse."""
         pending = self._rents[request_id]
         request = pending.request
+        bank = rentals.EjectTarget(powerbank_sn=powerbank_sn, slot_number=slot_number, soc=soc)
         try:
             async with self.db.transaction() as session:
+                if pending.written:  # a bank that failed in its hole: the next one
+                    return await rentals.retarget(session, rental_id=uuid.UUID(request_id), bank=bank)
                 await rentals.begin(
                     session,
                     user_id=uuid.UUID(request.user_id),
@@ -391,7 +394,7 @@ class KioskHost:
                     package_id=request.package_id,
                     settings=self.settings,
                     rental_id=uuid.UUID(request_id),
-                    bank=rentals.EjectTarget(powerbank_sn=powerbank_sn, slot_number=slot_number, soc=soc),
+                    bank=bank,
                 )
         except DomainError as exc:
             pending.refusal = exc

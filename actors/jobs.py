@@ -260,13 +260,3 @@ def start_scheduler(
         max_restarts=-1,
         max_concurrency=100,
     ).remote(settings, dict(JOBS if jobs is None else jobs))
-
-
-async def scheduler_metric_families(handle: Any, timeout_s: float = 2.0) -> list[Any]:
-    """The scheduler actor's metric families for the fleet-wide scrape; [] (logged) if it does not answer."""
-    try:
-        families: list[Any] = await asyncio.wait_for(handle.metric_families.remote(), timeout_s)
-    except Exception as exc:
-        log.warning("event=metrics_unavailable actor=scheduler error=%r", exc)
-        return []
-    return families

@@ -44,7 +44,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from product import STAFF_PHONE, CodeReader, Metrics, ProcessTree, Product, log_in
+from product import STAFF_PHONE, CodeReader, Metrics, ProcessTree, Product, cpu_delta, log_in
 from profiles import Profiler
 
 from simulators.swarm import (
@@ -450,17 +450,20 @@ async def connect_and_idle(
     report.add("connect", "lowest cabinets_online scraped once all were", f"{min(after, default=count):,.0f}")
 
     print(f"  idle {args.idle_seconds:g} s", flush=True)
+    roles_before = tree.cpu_by_role()
     cpu_before = tree.cpu_seconds()
     started = time.monotonic()
     with profiler.phase("idle", tree):
         await asyncio.sleep(args.idle_seconds)
-    idle_cpu = (tree.cpu_seconds() - cpu_before) / (time.monotonic() - started)
+    seconds = time.monotonic() - started
+    idle_cpu = (tree.cpu_seconds() - cpu_before) / seconds
+    by_role = cpu_delta(roles_before, tree.cpu_by_role())
+    report.add("idle", "  of which", _shares({r: c / seconds * 100 for r, c in by_role.items()}, "%"))
     usage = tree.usage()
     report.add("idle", f"CPU, a heartbeat every {args.heartbeat_s:g} s", f"{idle_cpu * 100:.1f} % of a core")
     report.add(
         "idle", f"PSS of the process tree ({usage.processes} processes)", f"{usage.pss_bytes / 2**30:.2f} GB"
     )
-    report.raw["idle_by_process"] = tree.by_process()
     return idle_cpu
 
 
@@ -478,9 +481,11 @@ async def rents(
     idle_cpu: float,
 ) -> None:
     print(f"  rents at {rate:g}/s for {args.rent_seconds:g} s", flush=True)
+    roles_before = tree.cpu_by_role()
     with profiler.phase(f"rent{rate:g}", tree):
         result = await rent_phase(client, tree, users, banks_left, rate, args.rent_seconds)
     lat, ok = result.latencies, len(result.rented)
+    by_role = cpu_delta(roles_before, tree.cpu_by_role())
     errors = sum(result.errors.values())
     report.add(
         "rent",
@@ -498,11 +503,22 @@ async def rents(
         "  product CPU per rent (gross / net of idle)",
         f"{result.cpu_s / max(ok, 1) * 1000:.1f} / {net / max(ok, 1) * 1000:.1f} ms",
     )
+    report.add(
+        "rent",
+        "  of which (ms per rent)",
+        _shares({r: c / max(ok, 1) * 1000 for r, c in by_role.items()}, ""),
+    )
     report.raw.setdefault("rents", []).append(
         {"rate": rate, "latencies": lat, "errors": dict(result.errors), "ok": ok, "cpu_s": result.cpu_s}
     )
     await return_all(metrics, swarm, result.rented, banks_left)
     report.add("rent", "  command payloads that ejected twice (must be 0)", f"{swarm.stats.duplicate_ejects}")
+
+
+def _shares(values: dict[str, float], unit: str) -> str:
+    """`api 4.1, kiosk hosts 2.0, ...`, largest first, the negligible left out."""
+    big = sorted(((v, k) for k, v in values.items() if v >= 0.1), reverse=True)
+    return ", ".join(f"{k} {v:.1f}{unit}" for v, k in big)
 
 
 async def main(args: argparse.Namespace) -> None:

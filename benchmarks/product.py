@@ -187,17 +187,38 @@ class ProcessTree:
                 continue
         return Usage(cpu_s=self.cpu_seconds(), pss_bytes=pss, processes=count)
 
-    def by_process(self) -> list[tuple[str, float, int]]:
-        """(short name, CPU seconds, RSS) per process, for finding who burns what."""
-        rows = []
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds so far of the processes alive now, by what they are (api, kiosk hosts, broker...)."""
+        roles: dict[str, float] = {}
         for proc in self.processes():
             try:
                 times = proc.cpu_times()
-                name = " ".join(proc.cmdline()[:3])[:60] or proc.name()
-                rows.append((name, times.user + times.system, proc.memory_info().rss))
+                role = _role(" ".join(proc.cmdline()) or proc.name())
             except psutil.NoSuchProcess:
                 continue
-        return rows
+            roles[role] = roles.get(role, 0.0) + times.user + times.system
+        return roles
+
+
+def _role(cmdline: str) -> str:
+    for marker, role in ROLES:
+        if marker in cmdline:
+            return role
+    return "ray runtime"
+
+
+ROLES = (
+    ("ray::KioskHost", "kiosk hosts"),
+    ("ray::BrokerService", "broker"),
+    ("ray::Scheduler", "scheduler"),
+    ("powerbank up", "api"),
+    ("postgres", "postgres"),
+    ("valkey", "valkey"),
+)
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {role: after[role] - before.get(role, 0.0) for role in after}
 
 
 class CodeReader:

@@ -7,8 +7,10 @@ import logging
 from typing import Any
 
 import ray
+from redis.asyncio import Redis
 
 from actors.batching import Lookup, Outbox
+from actors.bus import Stream, commands_stream, events_stream
 from actors.fleet import Fleet
 from actors.messages import CONNECTED, DISCONNECTED, SUBSCRIBED, CabinetEvent
 from actors.placement import owner
@@ -27,7 +29,7 @@ class FleetRouter:
     `actors.batching`). Credentials are checked here, against the database, on every CONNECT: a rotated or
     revoked secret is refused at once."""
 
-    def __init__(self, fleet: Fleet, db: Database, settings: Settings) -> None:
+    def __init__(self, fleet: Fleet, db: Database, redis: Redis, settings: Settings) -> None:
         self.fleet = fleet
         self.db = db
         # Read for every CONNECT (never cached), one query for all the CONNECTs that arrive meanwhile
@@ -35,18 +37,12 @@ class FleetRouter:
         self.outboxes = {
             name: Outbox[CabinetEvent](
                 f"to-{name}",
-                self._sender(name),
+                Stream(redis, events_stream(settings.ray_namespace, name)).send,
                 limit=settings.outbox_limit,
                 max_batch=settings.outbox_max_batch,
             )
             for name in fleet.hosts
         }
-
-    def _sender(self, name: str) -> Any:
-        async def send(batch: list[CabinetEvent]) -> None:
-            await self.fleet.by_name(name).on_cabinet_events.remote(batch)
-
-        return send
 
     async def authenticate(self, serial_number: str, password: str) -> bool:
         stored = await self._secrets.get(serial_number)
@@ -80,8 +76,11 @@ class BrokerService:
         logs.configure(settings.log_level)
         assert settings.database_url, "the broker gets a resolved DATABASE_URL"
         self.fleet = Fleet(settings)
+        assert settings.redis_url, "the broker gets a resolved REDIS_URL"
         self.db = Database(settings.database_url, pool_size=2)
-        self.router = FleetRouter(self.fleet, self.db, settings)
+        self.redis = Redis.from_url(settings.redis_url)
+        self.router = FleetRouter(self.fleet, self.db, self.redis, settings)
+        self.commands = Stream(self.redis, commands_stream(settings.ray_namespace))
         self.broker = MqttBroker(
             host=settings.mqtt_host,
             port=settings.mqtt_port,
@@ -97,6 +96,7 @@ class BrokerService:
         # After a crash and restart every connection is gone: cabinets are offline until they reconnect.
         # Told before the listener opens, so no reconnect can overtake it.
         await asyncio.gather(*(self.fleet.broker_restarted()), return_exceptions=True)
+        await self.commands.start_reading(self.publish_commands)
         await self.broker.start()
         self._started = True
 
@@ -113,7 +113,8 @@ class BrokerService:
         return await self.broker.disconnect(serial_number)
 
     async def publish_commands(self, commands: list[tuple[str, bytes]]) -> None:
-        """Commands from a kiosk host, in the order it sent them: (cabinet SN, payload), each at QoS 0."""
+        """Commands from the kiosk hosts (over `actors.bus`, or called directly): (cabinet SN, payload),
+        each at QoS 0, in order."""
         for serial_number, payload in commands:
             await self.broker.publish_command(serial_number, payload)
 
@@ -122,8 +123,10 @@ class BrokerService:
         await self.router.flushed()
 
     async def stop(self) -> None:
+        self.commands.stop()
         await self.broker.stop()
         await self.db.dispose()
+        await self.redis.aclose()
         self._started = False
 
     def metric_families(self) -> list[Any]:

@@ -209,6 +209,17 @@ async def begin(
     return rental
 
 
+async def retarget(session: AsyncSession, *, rental_id: uuid.UUID, bank: EjectTarget) -> bool:
+    """The first bank failed in its hole: record the next one the cabinet is about to eject. False when
+    the rental is no longer PENDING_POPUP: then the eject must not be sent."""
+    rental = await get(session, rental_id, lock=True)
+    if rental.status != RentalStatus.PENDING_POPUP:
+        return False
+    rental.powerbank_sn, rental.slot_number = bank.powerbank_sn, bank.slot_number
+    rental.start_battery_level = bank.soc
+    return True
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EjectTarget:
     """The bank a cabinet is about to eject for a rental, and where it is."""

@@ -152,7 +152,8 @@ async def serve(settings: Settings, *, demo: bool) -> None:
                 system.app,
                 host=settings.http_host,
                 port=settings.http_port,
-                log_level="info",
+                log_level=settings.log_level.lower(),
+                access_log=False,  # a line per request is noise (and CPU); latencies are in /metrics
                 proxy_headers=False,  # client IPs: TRUSTED_PROXIES decides, not uvicorn
             )
         )

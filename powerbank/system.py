@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from actors.fleet import Fleet, start_hosts
 from actors.host import BROKER_ACTOR
-from actors.jobs import scheduler_metric_families, start_scheduler
+from actors.jobs import start_scheduler
 from api.deps import Services
 from api.main import create_app
 from broker.actor import BrokerActor
@@ -63,6 +63,7 @@ class System:
     started_ray: bool = False
     _stopped: bool = field(default=False, init=False)
     _supervisor: asyncio.Task[None] | None = field(default=None, init=False)
+    _last_families: dict[str, list[Any]] = field(default_factory=dict, init=False)
 
     def supervise(self) -> None:
         """Every SUPERVISE_INTERVAL_S: keep the broker listening (also after Ray restarted it) and let the
@@ -84,13 +85,24 @@ class System:
 
         self._supervisor = asyncio.get_running_loop().create_task(loop(), name="supervisor")
 
-    async def remote_metrics(self) -> list[Any]:
-        families = await self.services.fleet.metric_families()
-        try:
-            families.extend(await asyncio.wait_for(self.broker.metric_families.remote(), 2.0))
-        except Exception as exc:
-            log.warning("event=metrics_unavailable actor=broker error=%r", exc)
-        families.extend(await scheduler_metric_families(self.scheduler))
+    async def remote_metrics(self, timeout_s: float = 2.0) -> list[Any]:
+        """Every actor's metric families for the fleet-wide scrape. An actor that does not answer within
+        `timeout_s` counts with what it answered last (logged), so that a busy process never makes the
+        fleet look smaller than it is."""
+        actors = {name: self.services.fleet.by_name(name) for name in self.services.fleet.hosts}
+        actors.update(broker=self.broker, scheduler=self.scheduler)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(actor.metric_families.remote(), timeout_s) for actor in actors.values()),
+            return_exceptions=True,
+        )
+        families: list[Any] = []
+        for name, result in zip(actors, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("event=metrics_unavailable actor=%s error=%r used=last_answer", name, result)
+                result = self._last_families.get(name, [])
+            else:
+                self._last_families[name] = result
+            families.extend(result)
         return families
 
     async def stop(self) -> None:

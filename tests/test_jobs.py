@@ -28,7 +28,6 @@ from actors.jobs import (
     deliver_notifications,
     purge_idempotency_keys,
     run_job,
-    scheduler_metric_families,
     start_scheduler,
 )
 from api.main import create_app
@@ -245,7 +244,7 @@ async def test_two_schedulers_race_and_a_job_runs_at_most_once_at_a_time(
     prefix = jsettings.ray_namespace
     try:
         await eventually(lambda: _at_least(redis, f"{prefix}:runs", 8), within=20)
-        families = [*await scheduler_metric_families(first), *await scheduler_metric_families(second)]
+        families = [*await first.metric_families.remote(), *await second.metric_families.remote()]
     finally:
         await stop(first, second)
     assert await counter(redis, f"{prefix}:overlaps") == 0
@@ -262,7 +261,7 @@ async def test_a_failing_job_is_counted_as_error_retried_and_shows_in_the_fleet_
         await eventually(lambda: _at_least(redis, f"{jsettings.ray_namespace}:flaky", 3), within=20)
 
         async def fleet_and_scheduler() -> list[Any]:
-            return [*await system.remote_metrics(), *await scheduler_metric_families(scheduler)]
+            return [*await system.remote_metrics(), *await scheduler.metric_families.remote()]
 
         # the API's real /metrics endpoint, with the scheduler actor among the processes it merges
         app = create_app(system.services, remote_metrics=fleet_and_scheduler)
