@@ -231,6 +231,8 @@ class Kiosk:
         self._snapshot_waiters: list[asyncio.Future[None]] = []
         self._frame_waiters: list[asyncio.Future[None]] = []  # any frame over MQTT (see `session_answers`)
         self._last_upload_check = float("-inf")
+        self._last_frames: dict[str, tuple[bytes, rentbox.Decoded]] = {}  # by topic kind
+        self._holes_seen: tuple[rentbox.HoleInfo, ...] = ()  # the last snapshot applied
         self._task: asyncio.Task[None] | None = None
 
     # --- mailbox --------------------------------------------------------------------------------------
@@ -296,9 +298,7 @@ class Kiosk:
 
     async def _on_frame(self, kind: str, payload: bytes) -> None:
         try:
-            decoded = rentbox.decode(
-                payload, holes_per_board=self.holes_per_board, strict_checksum=self.config.strict_checksum
-            )
+            decoded = self._decode(kind, payload)
         except rentbox.FrameError as err:
             metrics.INVALID_FRAMES.labels(reason=err.reason).inc()
             metrics.MQTT_DROPPED.labels(reason="invalid_frame").inc()
@@ -330,6 +330,18 @@ class Kiosk:
                 await self._on_return(event)
             case _:
                 pass  # heartbeats only keep the cabinet alive; 0x28 needs no action here
+
+    def _decode(self, kind: str, payload: bytes) -> rentbox.Decoded:
+        """Decode a frame; one the same as the last on its topic (most heartbeats and snapshots) is not
+        decoded again (frames are immutable)."""
+        last = self._last_frames.get(kind)
+        if last is not None and last[0] == payload:
+            return last[1]
+        decoded = rentbox.decode(
+            payload, holes_per_board=self.holes_per_board, strict_checksum=self.config.strict_checksum
+        )
+        self._last_frames[kind] = (payload, decoded)
+        return decoded
 
     async def _on_upload(self, payload: bytes) -> None:
         """A 0x10 posted to /api/rentbox/upload/data. Anyone who knows the SN can post one, so it is a hint,
@@ -390,6 +402,15 @@ class Kiosk:
         return {s.powerbank_sn for s in self.slots.values() if s.powerbank_sn}
 
     async def _on_snapshot(self, snapshot: rentbox.Snapshot) -> None:
+        if (
+            self.ready
+            and snapshot.holes == self._holes_seen
+            and not self._needs_reconcile
+            and not self._unresolved
+        ):
+            _wake(self._snapshot_waiters)  # what we know already: nothing to apply, record or settle
+            return
+        self._holes_seen = snapshot.holes
         before = self._banks()
         for hole in snapshot.holes:
             slot = self.slots.get(hole.hole)
@@ -484,6 +505,7 @@ class Kiosk:
             if other is not slot and other.powerbank_sn == event.sn:
                 other.empty()
         slot.put(event.sn, event.soc)
+        self._holes_seen = ()  # our view moved on from the last snapshot: apply the next one
         await self.ports.powerbank_returned(self.serial_number, event.hole, event.sn, event.soc)
         await self.ports.status_changed(self.status())
 
@@ -591,6 +613,7 @@ class Kiosk:
             return RequestWithdrawn(request_id=request_id)
 
         def ejected(*, reply_lost: bool) -> Ejected:
+            self._holes_seen = ()  # our view moved on from the last snapshot: apply the next one
             if slot.powerbank_sn in (powerbank_sn, None):
                 slot.empty()
             else:  # a snapshot already shows another bank returned into this hole
@@ -750,6 +773,7 @@ class Kiosk:
             self._current_sn = sn
 
         def ejected(state: int, *, reply_lost: bool) -> HoleEjected:
+            self._holes_seen = ()
             if slot.powerbank_sn in (sn, None):
                 slot.empty()
             else:

@@ -32,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy import case, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -334,11 +335,12 @@ async def activate(
     rental.start_battery_level = soc
     rental.started_at = at
     rental.due_at = at + timedelta(minutes=rental.package.duration_minutes)
-    bank = await session.get(PowerBank, powerbank_sn, with_for_update=True)
-    if bank is None:
-        bank = PowerBank(serial_number=powerbank_sn)
-        session.add(bank)
-    bank.station_id, bank.slot_number, bank.rented_by, bank.soc = None, None, rental.user_id, soc
+    out = {"station_id": None, "slot_number": None, "rented_by": rental.user_id, "soc": soc}
+    await session.execute(  # the bank is with the user now (one statement, whether we knew it or not)
+        pg_insert(PowerBank)
+        .values(serial_number=powerbank_sn, **out)
+        .on_conflict_do_update(index_elements=[PowerBank.serial_number], set_=out)
+    )
     await _charge_at_start(session, rental)
     await notifications.rental_started(
         session,

@@ -9,14 +9,14 @@ import logging
 import math
 import secrets
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from sqlalchemy import delete, func, literal, or_, select
+from sqlalchemy import Table, delete, func, literal, or_, select
 from sqlalchemy import update as update_
 from sqlalchemy.dialects.postgresql import aggregate_order_by, insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -172,40 +172,34 @@ async def record_snapshots(session: AsyncSession, snapshots: Mapping[str, Sequen
                     "slot_number": s.slot_number,
                     "updated_at": now,
                 }
-    for chunk in _chunks(slot_rows, SNAPSHOT_ROWS_PER_STATEMENT):
-        stmt = insert(Slot).values(chunk)
+    if slot_rows:  # many rows, one statement each (executemany: compiled once, sent in batches)
+        upsert_slots = insert(cast(Table, Slot.__table__))
         await session.execute(
-            stmt.on_conflict_do_update(
+            upsert_slots.on_conflict_do_update(
                 index_elements=["station_id", "slot_number"],
                 set_={
-                    "state": stmt.excluded.state,
-                    "powerbank_sn": stmt.excluded.powerbank_sn,
-                    "updated_at": stmt.excluded.updated_at,
+                    "state": upsert_slots.excluded.state,
+                    "powerbank_sn": upsert_slots.excluded.powerbank_sn,
+                    "updated_at": upsert_slots.excluded.updated_at,
                 },
-            )
+            ),
+            slot_rows,
         )
-    for chunk in _chunks(list(bank_rows.values()), SNAPSHOT_ROWS_PER_STATEMENT):
-        stmt_b = insert(PowerBank).values(chunk)
+    if bank_rows:
+        upsert_banks = insert(cast(Table, PowerBank.__table__))
         await session.execute(
-            stmt_b.on_conflict_do_update(
+            upsert_banks.on_conflict_do_update(
                 index_elements=["serial_number"],
                 set_={
-                    "soc": stmt_b.excluded.soc,
-                    "station_id": stmt_b.excluded.station_id,
-                    "slot_number": stmt_b.excluded.slot_number,
-                    "updated_at": stmt_b.excluded.updated_at,
+                    "soc": upsert_banks.excluded.soc,
+                    "station_id": upsert_banks.excluded.station_id,
+                    "slot_number": upsert_banks.excluded.slot_number,
+                    "updated_at": upsert_banks.excluded.updated_at,
                 },
                 where=PowerBank.rented_by.is_(None),
-            )
+            ),
+            list(bank_rows.values()),
         )
-
-
-SNAPSHOT_ROWS_PER_STATEMENT = 1000  # 5 parameters a row: well under PostgreSQL's 32,767 per statement
-
-
-def _chunks(rows: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
 
 
 async def record_event(
