@@ -543,3 +543,23 @@ async def test_a_live_session_is_told_by_a_check_answered_in_time() -> None:
     cabinet.answer_check = False  # a stale session: the cabinet rebooted, the broker has not noticed yet
     assert await kiosk.session_answers(0.2) is False
     assert kiosk._frame_waiters == []
+
+
+async def test_a_repeated_snapshot_is_not_applied_again_until_the_kiosk_view_moves_on() -> None:
+    """The same 0x10 again (a periodic upload of unchanged holes) costs nothing; after an eject the
+    kiosk's view differs from the last snapshot, so the same bytes are applied (and reconciled) again."""
+    cabinet = ScriptedCabinet({1: Bank("11111111"), 2: Bank("22222222")})
+    kiosk = await ready_kiosk(cabinet)
+    same = cabinet.snapshot()
+    reconciled = len(cabinet.reconciled)
+    for _ in range(3):
+        cabinet.send(same)
+    await kiosk.drained()
+    assert len(cabinet.reconciled) == reconciled  # nothing new: no reconciliation asked
+    assert await kiosk.eject(request_id="r1") == Ejected(
+        request_id="r1", powerbank_sn="11111111", slot_number=1, soc=90
+    )
+    cabinet.send(same)  # a stale snapshot that still shows bank 1: it must be looked at
+    await kiosk.drained()
+    assert kiosk.slots[1].powerbank_sn == "11111111"
+    assert len(cabinet.reconciled) == reconciled + 1
