@@ -1,4 +1,4 @@
-"""Kiosk-host Ray actors: each hosts many Kiosk actors (see shared/design/ARCHITECTURE.md, placement).
+"""Kiosk-host Ray actors: each hosts many Kiosk actors (placement: `actors.placement`).
 
 A host owns the cabinets that rendezvous hashing gives it. It is the kiosks' way to the world: it
 publishes their commands through the broker actor, records what they report through the domain, and

@@ -6,7 +6,7 @@ request/response on top: at most one is in flight per cabinet (others wait in a 
 cabinet's 0x31, read from the mailbox, completes it. Ray is not needed here: a kiosk-host actor hosts
 many Kiosks (`actors.host`).
 
-Eject protocol (shared/protocol/rentbox-v1.md, "Reliability rule"): the command goes out once at QoS 0.
+Eject protocol (docs/rentbox-v1.md, "Reliability rule"): the command goes out once at QoS 0.
 No reply in time → send `check`: the SN gone from its hole means it was ejected and only the reply was
 lost; the SN still there means retry once with a fresh timestamp. A hole-level failure code quarantines
 the hole and the next-best bank is tried. No snapshot at all → the outcome is unconfirmed and the

@@ -2,9 +2,10 @@
 
 A body over the cap is refused with 413 `payload_too_large` in the standard error envelope: at once when
 `Content-Length` says so, otherwise (chunked or lying clients) as soon as the bytes streamed in pass the
-cap. The application then sees the client as gone (`http.disconnect`), so it never parses or acts on a
-partial body, and whatever it tries to answer is discarded. Multipart KYC uploads (`upload_paths`) get
-their own, larger cap.
+cap (the rest of the body, up to `DRAIN_FACTOR` times the cap, is read and dropped first, so that the
+client gets to read the answer). The application then sees the client as gone (`http.disconnect`), so it
+never parses or acts on a partial body, and whatever it tries to answer is discarded. Multipart KYC
+uploads (`upload_paths`) get their own, larger cap.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 log = logging.getLogger(__name__)
 CODE = "payload_too_large"
 UPLOAD_PATHS = ("/api/users/kyc",)
+DRAIN_FACTOR = 4  # after a 413 mid-stream, up to 4 x the cap more is read (and dropped) before closing
 
 
 def _envelope(limit: int) -> bytes:
@@ -87,6 +89,8 @@ class BodySizeLimit:
                 return message
             refused = True
             log.info("event=request_refused path=%s code=%s streamed_bytes=%s", path, CODE, received)
+            if message.get("more_body", False):
+                await self._drain(receive, DRAIN_FACTOR * limit)
             if not started:
                 started = True
                 await self._refuse(send, limit)
@@ -106,6 +110,17 @@ class BodySizeLimit:
             if not refused:
                 raise
             log.debug("event=refused_request_ended path=%s", path, exc_info=True)
+
+    @staticmethod
+    async def _drain(receive: Receive, at_most: int) -> None:
+        """Read (and drop) the rest of a refused body before answering, so that a client still sending it
+        reads the 413 instead of a reset connection; a body beyond `at_most` more bytes is cut off."""
+        drained = 0
+        while drained <= at_most:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            drained += len(message.get("body", b""))
 
     @staticmethod
     async def _refuse(send: Send, limit: int) -> None:

@@ -1,6 +1,6 @@
 """rentbox: the cabinet protocol (Volinks Powerbank Protocol V1), as a pure codec.
 
-See ``shared/protocol/rentbox-v1.md``. No I/O here: bytes and JSON in, frozen dataclasses out.
+See ``docs/rentbox-v1.md``. No I/O here: bytes and JSON in, frozen dataclasses out.
 """
 
 from rentbox.codec import (

@@ -1,1 +1,1 @@
-"""Metrics shared by every process (API, broker, kiosk hosts): names follow shared/design/METRICS.md."""
+"""Metrics shared by every process (API, broker, kiosk hosts): names follow docs/metrics.md."""

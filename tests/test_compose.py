@@ -30,6 +30,7 @@ PROJECT_SERVICES = ("app", "ray-worker", "simulator")
 NON_SETTINGS_ENV = {
     "PYTHONUNBUFFERED",  # Python runtime
     "OPERATOR_TOKEN",  # simulator only: fed to `powerbank simulate --token`
+    "RAY_worker_niceness",  # read by the raylet of `ray start` (a local Ray gets RAY_WORKER_NICENESS)
 }
 
 SETTINGS_ENV = {name.upper() for name in Settings.model_fields}

@@ -43,14 +43,9 @@ from rentbox.codec import SNAPSHOT_HOLE_COUNTS
 
 
 def _vectors_path() -> Path:
+    """The protocol's test vectors (kept in the repository, tests/data); RENTBOX_VECTORS overrides."""
     override = os.environ.get("RENTBOX_VECTORS")
-    if override:
-        return Path(override)
-    repo = Path(__file__).resolve().parents[1]
-    for candidate in (repo / "shared" / "protocol", repo.parent / "shared" / "protocol"):
-        if (candidate / "vectors.json").is_file():
-            return candidate / "vectors.json"
-    raise FileNotFoundError("shared/protocol/vectors.json not found; set RENTBOX_VECTORS to its path")
+    return Path(override) if override else Path(__file__).parent / "data" / "rentbox_vectors.json"
 
 
 VECTORS: dict[str, Any] = json.loads(_vectors_path().read_text())

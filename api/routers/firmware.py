@@ -1,4 +1,4 @@
-"""HTTP endpoints that cabinet firmware calls (shared/protocol/rentbox-v1.md, section 5).
+"""HTTP endpoints that cabinet firmware calls (docs/rentbox-v1.md, section 5).
 
 Their answers use the firmware's own `{"code", "msg", "data", "time"}` shape, not the app's envelope.
 `sign` has no secret, so it only proves the caller speaks the protocol, not that it is the cabinet. Hence:
