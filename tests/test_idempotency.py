@@ -420,3 +420,27 @@ async def test_bad_keys_and_requests_refused_before_any_work_store_nothing(
     assert corrected.status_code == 503 and REPLAYED not in corrected.headers
     assert corrected.json()["error"]["code"] == "station_offline"
     assert await rental_count(client, token) == 0
+
+
+async def test_a_rent_beyond_the_in_flight_limit_is_refused_at_once_and_claims_nothing(
+    client: httpx.AsyncClient, operator_token: str, user: dict[str, Any], system: Any
+) -> None:
+    token = user["access"]
+    creds = await provision(client, operator_token)
+    body = {"station_sn": creds.sn, "package_id": 1}
+    admission = system.app.state.rent_admission
+    key = str(uuid.uuid4())
+    admission.in_flight += admission.limit  # as if RENT_MAX_IN_FLIGHT rents were waiting on cabinets
+    try:
+        busy = await start(client, token, key, body)
+    finally:
+        admission.in_flight -= admission.limit
+    assert busy.status_code == 503, busy.text
+    assert busy.json()["error"]["code"] == "overloaded"
+    assert busy.headers["Retry-After"] == "1"
+    # Nothing was claimed or done: the retry with the same key runs (the station is offline).
+    retry = await start(client, token, key, body)
+    assert retry.status_code == 503 and REPLAYED not in retry.headers
+    assert retry.json()["error"]["code"] == "station_offline"
+    assert await rental_count(client, token) == 0
+    assert admission.in_flight == 0  # every slot was given back, refusals included

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Depends, Request, Response, status
 
 from actors.messages import (
     Ejected,
@@ -66,7 +67,18 @@ def _refusal(outcome: EjectOutcome, station_sn: str) -> DomainError:
             return EjectFailed(context=context)
 
 
-@router.post("/start", status_code=status.HTTP_201_CREATED, response_model=Envelope[RentalOut])
+async def rent_slot(request: Request) -> AsyncIterator[None]:
+    """One of the API process's `RENT_MAX_IN_FLIGHT` rent slots, held until the answer is ready."""
+    with request.app.state.rent_admission.admit():
+        yield
+
+
+@router.post(
+    "/start",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Envelope[RentalOut],
+    dependencies=[Depends(rent_slot, scope="function")],
+)
 async def start_rental(
     body: RentIn, user: CurrentUser, svc: ServicesDep, idempotency: IdempotencyDep
 ) -> Envelope[RentalOut] | Response:
