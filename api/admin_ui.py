@@ -38,7 +38,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.host import read_live
@@ -90,9 +90,8 @@ def _operator(request: Request) -> User:
 
 
 def session_secret(services: Services) -> str:
-    """Derived from the JWT secret, so it is as stable (and as secret) without being the same key."""
-    key = services.settings.resolved_jwt_secret().encode()
-    return hmac.new(key, b"powerbank admin session", hashlib.sha256).hexdigest()
+    """Derived from the signing key, so it is as stable (and as secret) without being the same key."""
+    return auth.derived_secret(services.settings, "admin session")
 
 
 def wait_text(seconds: int) -> str:
@@ -282,6 +281,26 @@ def same_origin(request: Request) -> bool:
         return False
     parts = urlsplit(source)
     return (parts.scheme, parts.netloc) == (request.url.scheme, request.url.netloc)
+
+
+class SameOriginWrites:
+    """Every state-changing /admin request (any method but GET, HEAD, OPTIONS: the edit forms, login,
+    logout) must come from our own pages, by `Sec-Fetch-Site` or else `Origin`/`Referer` (`same_origin`).
+    SameSite=Lax alone let a page on another port of the same host post an edit form with the operator's
+    cookie. Refused: 403, nothing done."""
+
+    SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in self.SAFE and not same_origin(Request(scope)):
+            log.info("event=request_refused path=%s code=cross_site_write", scope["path"])
+            response = PlainTextResponse("Cross-site request refused: use the forms of this site.", 403)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def _badge(text: str, colour: str) -> Markup:
@@ -570,6 +589,7 @@ def mount_admin(app: FastAPI, services: Services) -> Admin:
     loader = cast(BaseLoader, admin.templates.env.loader)
     admin.templates.env.loader = ChoiceLoader([DictLoader({"sqladmin/login.html": LOGIN_TEMPLATE}), loader])
     admin.admin.state.services = services
+    admin.admin.add_middleware(SameOriginWrites)
     login.templates = admin.templates
     for view in VIEWS:
         admin.add_view(view)

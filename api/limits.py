@@ -17,6 +17,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from telemetry import metrics
+
 log = logging.getLogger(__name__)
 CODE = "payload_too_large"
 UPLOAD_PATHS = ("/api/users/kyc",)
@@ -124,6 +126,7 @@ class BodySizeLimit:
 
     @staticmethod
     async def _refuse(send: Send, limit: int) -> None:
+        metrics.HTTP_REFUSED.labels(reason=CODE).inc()
         body = _envelope(limit)
         headers = [
             (b"content-type", b"application/json"),

@@ -15,8 +15,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import api.routers
 from api import limits
 from api.admin_ui import mount_admin
+from api.admission import Admission
 from api.deps import Services
 from api.envelope import install_error_handlers
+from api.text_guard import RefuseUnstorableText
 from domain import rentals as rental_rules
 from telemetry import metrics
 
@@ -66,7 +68,12 @@ def create_app(
         description="Mobile app, operator and cabinet API of the shared power-bank network.",
     )
     app.state.services = services
+    app.state.rent_admission = Admission(
+        "rentals_start", limit=services.settings.rent_max_in_flight, retry_after_s=1
+    )
     install_error_handlers(app)
+    # added before the body cap, so it runs inside it: it reads only bodies the cap has bounded
+    app.add_middleware(RefuseUnstorableText, path_templates=lambda: app.openapi()["paths"])
     limits.install(
         app,
         max_body_bytes=services.settings.http_max_body_bytes,

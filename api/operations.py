@@ -60,11 +60,18 @@ async def update_user(
     actor: User,
     ip: str | None,
 ) -> User:
-    """Change a user's role or active flag, audited. Only an admin changes roles, never their own; nobody
-    deactivates themself; a user demoted to `user` loses their /admin password."""
+    """Change a user's role or active flag, audited. Only an admin acts on an admin, changes roles (never
+    their own) or (de)activates staff; nobody deactivates themself; a user demoted to `user` loses their
+    /admin password. (An operator deactivated admins and other operators, and nothing but SQL brought an
+    admin back; `powerbank admin create` now re-activates.)"""
     user = await session.get(User, user_id, with_for_update=True)
     if user is None:
         raise NotFound("User not found.", context={"user_id": str(user_id)})
+    if actor.role != Role.ADMIN:
+        if user.role == Role.ADMIN:
+            raise Forbidden("Only an admin may change an admin.", context={"user_id": str(user_id)})
+        if is_active is not None and is_active != user.is_active and user.role in passwords.STAFF_ROLES:
+            raise Forbidden("Only an admin may (de)activate staff.", context={"user_id": str(user_id)})
     if role is not None and role != user.role:
         if actor.role != Role.ADMIN:
             raise Forbidden("Only an admin may change roles.", context={"user_id": str(user_id)})

@@ -45,12 +45,16 @@ class Settings(BaseSettings):
     jwt_secret: str | None = None
     jwt_access_ttl_s: int = 15 * 60
     jwt_refresh_ttl_s: int = 30 * 24 * 3600
+    # a refresh token presented again this soon returns the same new pair (a retry after a lost answer);
+    # later, it revokes its family. 0: no grace.
+    refresh_reuse_grace_s: int = Field(default=30, ge=0, le=300)
 
     otp_ttl_s: int = 300
     otp_max_attempts: int = 5
     otp_resend_interval_s: int = 30
 
     eject_timeout_s: float = 15.0
+    rent_max_in_flight: int = Field(default=64, ge=1)  # rentals/start in flight per API process; more → 503
     eject_queue_limit: int = 5  # rentals waiting behind the one eject in flight; more → 503 cabinet_busy
     eject_banks_tried: int = 2  # a hole-level failure code moves on to the next-best bank, this many in all
     slot_quarantine_s: float = 600.0  # a hole that failed an eject is not chosen again for this long
@@ -71,12 +75,15 @@ class Settings(BaseSettings):
     topup_max_amount: Decimal = Decimal("50000.00")
     topup_intent_ttl_s: int = 1800  # an unpaid top-up intent expires after this (Khalti sets its own)
     payment_gateway_timeout_s: float = 10.0
-    khalti_base_url: str = "https://dev.khalti.com/api/v2"  # production: https://khalti.com/api/v2
+    # Every gateway is off until configured; sandbox endpoints and test credentials (dev.khalti.com, test_
+    # keys, eSewa's rc-* sites, EPAYTEST and its published secret, sk_test_) only with PAYMENTS_SANDBOX=true.
+    payments_sandbox: bool = False
+    khalti_base_url: str = "https://khalti.com/api/v2"  # sandbox: https://dev.khalti.com/api/v2
     khalti_secret_key: str = ""  # empty → Khalti top-ups are off
-    esewa_form_url: str = "https://rc-epay.esewa.com.np/api/epay/main/v2/form"
-    esewa_base_url: str = "https://rc.esewa.com.np"  # status check: <base>/api/epay/transaction/status/
-    esewa_product_code: str = "EPAYTEST"
-    esewa_secret_key: str = "8gBm/:&EnhH.1/q"  # eSewa's documented UAT secret; production gets its own
+    esewa_form_url: str = "https://epay.esewa.com.np/api/epay/main/v2/form"  # sandbox: rc-epay.esewa.com.np
+    esewa_base_url: str = "https://epay.esewa.com.np"  # status check: <base>/api/epay/transaction/status/
+    esewa_product_code: str = ""  # the merchant code eSewa issued; empty → eSewa top-ups are off
+    esewa_secret_key: str = ""  # empty → eSewa top-ups are off
     stripe_base_url: str = "https://api.stripe.com"
     stripe_secret_key: str = ""  # empty → Stripe top-ups are off
     stripe_webhook_secret: str = ""  # empty → every webhook is refused
@@ -182,9 +189,19 @@ class Settings(BaseSettings):
         path = self.data_dir / "jwt_secret"
         if not path.exists():
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(48))
-            path.chmod(0o600)
+            write_private(path, secrets.token_urlsafe(48))
         return path.read_text().strip()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Create `path` readable by its owner only from the start (never a moment at the umask's mode); an
+    existing file is left alone (another process created it first)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
 
 
 @lru_cache

@@ -66,7 +66,7 @@ def _subject(identifier: str) -> str:
 
 
 def _code_pepper(settings: Settings) -> str:
-    return settings.resolved_jwt_secret()
+    return derived_secret(settings, "otp pepper")
 
 
 async def request_code(
@@ -243,6 +243,15 @@ def keyring(settings: Settings) -> Keyring:
     return Keyring(signing_kid=next(iter(keys)), keys=keys)
 
 
+def derived_secret(settings: Settings, purpose: str) -> str:
+    """A key for `purpose` (the OTP pepper, the admin session cookie) derived from the configured signing
+    key: replicas that share JWT_KEYS (or JWT_SECRET) agree on it without another secret to distribute.
+    Rotating the signing key ends the codes and admin sessions of the moment, as it should."""
+    ring = keyring(settings)
+    root = ring.keys[ring.signing_kid].encode()
+    return hmac.new(root, f"powerbank {purpose}".encode(), hashlib.sha256).hexdigest()
+
+
 def _encode(user: User, *, kind: str, ttl: int, family: str, settings: Settings) -> str:
     ring = keyring(settings)
     now = datetime.now(UTC)
@@ -319,24 +328,47 @@ async def authenticate(redis: Redis, *, token: str, settings: Settings) -> Claim
     return claims
 
 
+# Marks a refresh token used (for as long as it could live) and keeps the pair it was exchanged for during
+# the grace period, atomically. Returns 1 for the first use, then that pair while it is kept, then 0.
+_CLAIM_REFRESH = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+    redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2])
+    return 1
+end
+return redis.call('GET', KEYS[2]) or 0
+"""
+
+
 async def rotate(session: AsyncSession, redis: Redis, *, refresh: str, settings: Settings) -> TokenPair:
-    """Exchange a refresh token for a new pair of the same family; the old refresh token stops working,
-    and presenting it again revokes the family."""
+    """Exchange a refresh token for a new pair of the same family; the old refresh token stops working.
+
+    Presenting it again within REFRESH_REUSE_GRACE_S returns the same new pair (the app retrying after a
+    lost response on a flaky network); after that it revokes the family (a stolen copy, or the thief's)."""
     claims = decode(refresh, kind=REFRESH, settings=settings)
     await _ensure_family_live(redis, claims)
-    ttl = max(1, int((claims.expires_at - datetime.now(UTC)).total_seconds()))
-    if not await redis.set(f"auth:refresh:used:{claims.jti}", "1", nx=True, ex=ttl):
-        await revoke_family(redis, family=claims.family, settings=settings)
-        metrics.AUTH_FAILURES.labels(reason="refresh_reused").inc()
-        log.warning("event=refresh_reused user_id=%s family=%s", claims.user_id, claims.family)
-        raise Unauthorized("This refresh token was already used: the session is closed, log in again.")
     user = await session.get(User, claims.user_id)
     if user is None:
         raise Unauthorized()
     if not user.is_active:
         metrics.AUTH_FAILURES.labels(reason="inactive").inc()
         raise Forbidden("This account is disabled.")
-    return issue_tokens(user, settings, family=claims.family)
+    pair = issue_tokens(user, settings, family=claims.family)
+    ttl = max(1, int((claims.expires_at - datetime.now(UTC)).total_seconds()))
+    keys = [f"auth:refresh:used:{claims.jti}", f"auth:refresh:answer:{claims.jti}"]
+    grace = max(1, settings.refresh_reuse_grace_s)
+    claimed = redis.eval(_CLAIM_REFRESH, 2, *keys, ttl, grace, f"{pair.access} {pair.refresh}")
+    earlier = await claimed
+    if earlier == 1:
+        return pair
+    if settings.refresh_reuse_grace_s > 0 and earlier != 0:
+        text = earlier.decode() if isinstance(earlier, bytes) else str(earlier)
+        access, _, new_refresh = text.partition(" ")
+        log.info("event=refresh_replayed user_id=%s family=%s", claims.user_id, claims.family)
+        return TokenPair(access=access, refresh=new_refresh)
+    await revoke_family(redis, family=claims.family, settings=settings)
+    metrics.AUTH_FAILURES.labels(reason="refresh_reused").inc()
+    log.warning("event=refresh_reused user_id=%s family=%s", claims.user_id, claims.family)
+    raise Unauthorized("This refresh token was already used: the session is closed, log in again.")
 
 
 async def logout(redis: Redis, *, refresh: str, settings: Settings) -> None:

@@ -90,6 +90,13 @@ class EjectFailed(DomainError):
     )
 
 
+class Overloaded(DomainError):
+    """More requests of a kind in flight than the process admits; `context["retry_after"]` → Retry-After."""
+
+    code, status = "overloaded", 503
+    default_message = "The service is busy right now; nothing was done. Try again in a moment."
+
+
 class IdempotencyKeyReused(DomainError):
     code, status = "idempotency_key_reused", 409
     default_message = (

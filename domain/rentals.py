@@ -303,12 +303,16 @@ async def pending_stations(session: AsyncSession, *, older_than: datetime) -> li
 
 
 async def cancel_pending_before(session: AsyncSession, *, station_sn: str, before: datetime) -> None:
+    """Cancel this station's PENDING_POPUP rentals older than `before` whose eject never had a bank
+    recorded. One with a bank stays open whatever its age (the bank may well have come out, and the user
+    kept it): the cabinet's next snapshot settles it, or an operator does (`settle_unconfirmed`)."""
     stmt = (
         select(Rental.id)
         .join(Station, Rental.station_id == Station.id)
         .where(
             Station.serial_number == station_sn,
             Rental.status == RentalStatus.PENDING_POPUP,
+            Rental.powerbank_sn.is_(None),
             Rental.created_at < before,
         )
     )
@@ -374,6 +378,45 @@ async def cancel_pending(session: AsyncSession, *, rental_id: uuid.UUID, reason:
     RENTALS.labels(outcome="failed").inc()
     log.info("event=rental_cancelled rental_id=%s reason=%s", rental.id, reason)
     return rental
+
+
+async def unsettled(session: AsyncSession, *, older_than: datetime, limit: int = 200) -> list[Rental]:
+    """PENDING_POPUP rentals older than `older_than`, oldest first: ejects nobody could confirm yet."""
+    stmt = (
+        select(Rental)
+        .where(Rental.status == RentalStatus.PENDING_POPUP, Rental.created_at < older_than)
+        .order_by(Rental.created_at)
+        .limit(limit)
+    )
+    return list((await session.scalars(stmt)).all())
+
+
+async def settle_unconfirmed(
+    session: AsyncSession, *, rental_id: uuid.UUID, ejected: bool, reason: str
+) -> Rental:
+    """An operator settles an unconfirmed eject: the bank came out (ACTIVE from the eject, charged by the
+    rules, once) or it did not (CANCELLED, nothing charged). Anything but PENDING_POPUP is InvalidState."""
+    rental = await get(session, rental_id, lock=True)
+    if rental.status != RentalStatus.PENDING_POPUP:
+        raise InvalidState(
+            f"Only a PENDING_POPUP rental can be settled; this one is {rental.status.value}.",
+            context={"rental_id": str(rental.id), "status": rental.status.value},
+        )
+    if not ejected:
+        return await cancel_pending(session, rental_id=rental_id, reason=f"operator: {reason}")
+    if rental.powerbank_sn is None or rental.slot_number is None:
+        raise InvalidState(
+            "No bank was recorded for this eject: it can only be settled as not ejected.",
+            context={"rental_id": str(rental.id)},
+        )
+    return await activate(
+        session,
+        rental_id=rental_id,
+        powerbank_sn=rental.powerbank_sn,
+        slot_number=rental.slot_number,
+        soc=rental.start_battery_level,
+        at=rental.created_at,
+    )
 
 
 async def rented_out(session: AsyncSession, powerbank_sns: list[str]) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from enum import StrEnum
 from typing import Annotated
@@ -42,6 +43,10 @@ def up(
     from powerbank.serve import serve
 
     _logging()
+    # SIGTERM (systemd, docker stop, kill) stops everything as Ctrl-C does. Its default action ended the
+    # process at once when uvicorn re-raised it after shutting down, leaving embedded PostgreSQL, Valkey
+    # and Ray's processes running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         asyncio.run(serve(Settings(), demo=demo))
     except PortInUse as exc:

@@ -14,6 +14,7 @@ from rich.console import Console
 from config import Settings
 from domain import passwords, stations, users
 from domain.errors import NotFound
+from domain.payments import gateways
 from powerbank.system import System, start_system
 from simulators.fleet import save_credentials
 from storage.db import Database
@@ -136,6 +137,15 @@ def demo_instructions(settings: Settings) -> str:
 """
 
 
+def payment_gateways_line(settings: Settings) -> str:
+    """What `powerbank up` says of the top-up gateways: live, sandbox, or off and why."""
+    parts = []
+    for gateway in gateways.states(settings):
+        colour = {"live": "green", "sandbox": "yellow"}.get(gateway.why, "red")
+        parts.append(f"{gateway.gateway.value} [{colour}]{gateway.why}[/{colour}]")
+    return "Top-up gateways: " + "; ".join(parts)
+
+
 async def serve(settings: Settings, *, demo: bool) -> None:
     with console.status("Starting database, cache, Ray, kiosk hosts and broker…"):
         system = await start_system(settings)
@@ -160,6 +170,8 @@ async def serve(settings: Settings, *, demo: bool) -> None:
         serving = asyncio.create_task(server.serve())
         while not server.started and not serving.done():  # noqa: ASYNC110 (uvicorn offers only a flag)
             await asyncio.sleep(0.05)
+        if server.started:
+            console.print(payment_gateways_line(system.settings), soft_wrap=True)
         if demo and server.started:
             console.print(demo_instructions(system.settings))
         await serving

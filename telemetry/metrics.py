@@ -44,6 +44,10 @@ CHECKSUM_MISMATCHES = Counter("powerbank_checksum_mismatches", "Accepted frames 
 MQTT_DROPPED = Counter("powerbank_mqtt_dropped", "MQTT messages or connections refused", ["reason"])
 COMMANDS_IN_FLIGHT = Gauge("powerbank_commands_in_flight", "Cabinet commands awaiting a reply")
 HTTP_SECONDS = Histogram("powerbank_http_request_seconds", "API latency", ["route", "method", "status"])
+HTTP_REFUSED = Counter("powerbank_http_refused", "Requests refused before routing", ["reason"])
+HTTP_OVERLOADED = Counter(
+    "powerbank_http_overloaded", "Requests refused with 503 overloaded (admission control)", ["kind"]
+)
 LEDGER_ENTRIES = Counter("powerbank_ledger_entries", "Money movements (ledger legs)", ["type"])
 JOBS_RUNS = Counter("powerbank_jobs_runs", "Background job runs", ["job", "result"])
 FIRMWARE_REQUESTS = Counter(

@@ -153,3 +153,17 @@ async def return_events(system: Any, station_sn: str) -> int:
             or 0
         )
     return count
+
+
+async def every_result(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> list[dict[str, Any]]:
+    """Every row of a paged listing (`?page=`), whatever other tests left in the shared database."""
+    rows: list[dict[str, Any]] = []
+    page = 1
+    while True:
+        r = await client.get(url, params={"page": page, "page_size": 100}, headers=headers)
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        rows += data["results"]
+        if page * data["page_size"] >= data["count"]:
+            return rows
+        page += 1

@@ -262,6 +262,46 @@ async def test_rotated_secret_refuses_the_old_password_at_next_connect(
     assert entry["action"] == "station.secret_rotated" and mqtt["password"] not in str(entry)
 
 
+async def test_only_an_admin_acts_on_admins_and_activates_staff(
+    client: httpx.AsyncClient, api: Api, system: Any
+) -> None:
+    """Issue 10, item 4: operators deactivated admins and each other, and nothing but SQL undid it."""
+    from domain import users
+    from storage.models import Role, User
+
+    operator, _ = await staff_token(system, api, "operator")
+    _, other_operator_id = await staff_token(system, api, "operator")
+    admin, admin_id = await staff_token(system, api, "admin")
+    rider = (await api.login(new_phone()))["user"]["id"]
+
+    def patch(target: str, body: dict[str, Any], token: str) -> Any:
+        return client.patch(f"/api/admin/users/{target}", json=body, headers=auth(token))
+
+    for body in ({"is_active": False}, {"is_active": True}, {}):
+        r = await patch(admin_id, body, operator)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", (body, r.text)
+    assert (await patch(other_operator_id, {"is_active": False}, operator)).status_code == 403
+    assert (await patch(rider, {"is_active": False}, operator)).status_code == 200  # riders: operators may
+    async with system.services.db.transaction() as session:
+        assert (await session.get(User, uuid.UUID(admin_id))).is_active  # type: ignore[union-attr]
+        assert (await session.get(User, uuid.UUID(other_operator_id))).is_active  # type: ignore[union-attr]
+
+    r = await patch(other_operator_id, {"is_active": False}, admin)
+    assert r.status_code == 200 and r.json()["data"]["is_active"] is False
+    r = await patch(other_operator_id, {"is_active": True}, admin)
+    assert r.status_code == 200 and r.json()["data"]["is_active"] is True
+
+    # a deactivated admin comes back with `powerbank admin create` (ensure_staff), not SQL
+    async with system.services.db.transaction() as session:
+        row = await session.get(User, uuid.UUID(admin_id))
+        assert row is not None
+        row.is_active = False
+        phone = row.phone
+    async with system.services.db.transaction() as session:
+        again = await users.ensure_staff(session, phone=phone, role=Role.ADMIN)
+        assert again.id == uuid.UUID(admin_id) and again.is_active
+
+
 async def test_users_list_detail_and_role_rules(client: httpx.AsyncClient, api: Api, system: Any) -> None:
     operator, operator_id = await staff_token(system, api, "operator")
     admin, _ = await staff_token(system, api, "admin")
@@ -292,13 +332,15 @@ async def test_users_list_detail_and_role_rules(client: httpx.AsyncClient, api: 
     assert r.status_code == 200, r.text
     assert r.json()["data"]["role"] == "operator"
     r = await client.patch(f"/api/admin/users/{user_id}", json={"is_active": False}, headers=auth(operator))
+    assert r.status_code == 403  # staff now: only an admin (de)activates them
+    r = await client.patch(f"/api/admin/users/{user_id}", json={"is_active": False}, headers=auth(admin))
     assert r.status_code == 200 and r.json()["data"]["is_active"] is False
     entries = await audit(client, operator, target_type="user", target_id=user_id)
     assert [(e["action"], e["before"], e["after"]) for e in entries[:2]] == [
         ("user.updated", {"role": "operator", "is_active": True}, {"role": "operator", "is_active": False}),
         ("user.updated", {"role": "user", "is_active": True}, {"role": "operator", "is_active": True}),
     ]
-    assert entries[1]["actor_role"] == "admin"
+    assert entries[0]["actor_role"] == entries[1]["actor_role"] == "admin"
     credit = next(e for e in entries if e["action"] == "wallet.credited")
     assert credit["after"]["amount"] == "120.00" and credit["actor_id"] == operator_id
 

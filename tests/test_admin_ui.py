@@ -21,6 +21,7 @@ import httpx
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 from starlette.requests import Request
+from starlette.responses import HTMLResponse
 
 from api.admin_ui import OperatorLogin
 from domain import passwords, users
@@ -28,6 +29,7 @@ from domain.errors import ValidationFailed
 from storage.kyc_models import KycDocument, KycDocumentType, KycSide, KycSubmission
 from storage.models import Role, User
 from tests.conftest import Api, new_phone
+from tests.fakes.server import serve
 from tests.support import funded_user, rent, start_cabinet, wait_ready
 
 CHROMIUM = "/usr/bin/chromium"
@@ -311,7 +313,11 @@ async def test_cli_admin_create_with_a_password_from_stdin_then_browser_login(
 async def test_the_session_cookie_is_secure_when_served_over_https(system: Any, base_url: str) -> None:
     """Behind a TLS proxy (X-Forwarded-Proto from one of TRUSTED_PROXIES) the cookie gets the Secure flag."""
     operator = await staff(system)
-    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": f"10.200.{random.randrange(256)}.1"}
+    headers = {
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-For": f"10.200.{random.randrange(256)}.1",
+        "Sec-Fetch-Site": "same-origin",  # what a browser sends with the login form
+    }
     async with httpx.AsyncClient(base_url=base_url, headers=headers) as browserless:
         r = await browserless.post("/admin/login", data={"phone": operator.phone, "password": PASSWORD})
     assert r.status_code == 302, r.text
@@ -352,3 +358,35 @@ async def test_a_session_ends_after_its_ttl_and_with_a_new_password(system: Any)
         assert row is not None
         passwords.set_password(row, "another long password", min_length=12)
     assert await login.session_user(request(user_id=str(operator.id), since=now, pw=pw)) is None
+
+
+async def test_a_form_posted_from_another_origin_is_refused(system: Any, page: Page, base_url: str) -> None:
+    """Issue 10, item 6: a page on another port of the same host (same site, so the SameSite=Lax cookie
+    goes along) auto-submits the user-edit form; it used to deactivate the operator."""
+    admin, operator = await staff(system, role=Role.ADMIN), await staff(system)
+    assert admin.phone is not None
+    await logged_in(page, admin.phone)
+    evil = f"""<html><body><form id="f" method="post" action="{base_url}/admin/user/edit/{operator.id}">
+        <input name="role" value="operator"></form>
+        <script>document.getElementById("f").submit()</script></body></html>"""
+
+    async def attacker(scope: Any, receive: Any, send: Any) -> None:
+        await HTMLResponse(evil)(scope, receive, send)
+
+    async with serve(attacker) as evil_url:
+        async with page.expect_response(re.compile(r"/admin/user/edit/")) as posted:
+            await page.goto(f"{evil_url}/")
+        response = await posted.value
+    assert response.status == 403, await response.text()
+    assert "Cross-site request refused" in await response.text()
+    async with system.services.db.transaction() as session:
+        row = await session.get(User, operator.id)
+        assert row is not None and row.is_active and row.role == Role.OPERATOR
+    # the same form from the site's own page still works (the browser says same-origin)
+    await page.goto(f"/admin/user/edit/{operator.id}")
+    await page.locator("#is_active").uncheck()
+    await page.get_by_role("button", name="Save", exact=True).click()
+    await expect(page).to_have_url(re.compile(r"/admin/user/list"))
+    async with system.services.db.transaction() as session:
+        row = await session.get(User, operator.id)
+        assert row is not None and not row.is_active

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -91,6 +93,24 @@ async def notifications(client: httpx.AsyncClient, token: str) -> list[dict[str,
     return results
 
 
+@contextmanager
+def esewa_test_merchant(settings: Any) -> Iterator[None]:
+    """eSewa's public test merchant, which only PAYMENTS_SANDBOX lets through, for a while."""
+    sandbox = {
+        "payments_sandbox": True,
+        "esewa_product_code": "EPAYTEST",
+        "esewa_secret_key": "8gBm/:&EnhH.1/q",
+    }
+    saved = {name: getattr(settings, name) for name in sandbox}
+    for name, value in sandbox.items():
+        setattr(settings, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(settings, name, value)
+
+
 @pytest.fixture(scope="module")
 async def world(base_url: str, system: Any) -> Any:
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
@@ -126,9 +146,10 @@ async def world(base_url: str, system: Any) -> Any:
         r = await client.post("/api/payments/refunds", json=body, headers=H(a))
         assert r.status_code == 201, r.text
         refund = r.json()["data"]
-        r = await client.post(
-            "/api/payments/wallet/topup-intent", json={"amount": "100", "gateway": "esewa"}, headers=H(a)
-        )
+        with esewa_test_merchant(system.services.settings):  # for an intent of A's to exist
+            r = await client.post(
+                "/api/payments/wallet/topup-intent", json={"amount": "100", "gateway": "esewa"}, headers=H(a)
+            )
         assert r.status_code in (200, 201), r.text
         intent = r.json()["data"]
         r = await client.post(f"/api/stations/{cabinet.sn}/favorite", headers=H(a))
@@ -235,11 +256,12 @@ async def test_bodies_cannot_set_fields_the_caller_does_not_own(
     )
     # a top-up intent: pending, for A, the amount asked; no money moves
     start = await balance(client, w.a)
-    r = await client.post(
-        "/api/payments/wallet/topup-intent",
-        json={**EXTRAS, "amount": "250", "gateway": "esewa"},
-        headers=H(w.a),
-    )
+    with esewa_test_merchant(system.services.settings):
+        r = await client.post(
+            "/api/payments/wallet/topup-intent",
+            json={**EXTRAS, "amount": "250", "gateway": "esewa"},
+            headers=H(w.a),
+        )
     assert r.status_code in (200, 201), r.text
     intent = r.json()["data"]
     assert (intent["amount"], intent["status"]) == ("250.00", "PENDING"), intent

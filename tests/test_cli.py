@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -84,7 +85,10 @@ def test_up_demo_runs_on_embedded_defaults_and_admin_create_works_beside_it(tmp_
             assert time.monotonic() < deadline, "the demo cabinets did not become ready"
             time.sleep(0.5)
         assert (tmp_path / "var" / "demo-cabinets.json").exists()
-        assert "curl" in (tmp_path / "up.log").read_text()
+        printed = (tmp_path / "up.log").read_text()
+        assert "curl" in printed
+        # no gateway is configured on embedded defaults, and `up` says so (eSewa's test site was on)
+        assert "Top-up gateways: khalti off: not configured; esewa off: not configured; stripe off" in printed
         created = subprocess.run(
             [POWERBANK, "admin", "create", "--phone", "+9779800000001", "--role", "operator"],
             env=env,
@@ -104,3 +108,44 @@ def test_up_demo_runs_on_embedded_defaults_and_admin_create_works_beside_it(tmp_
             raise
         finally:
             log.close()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_up_stops_everything_it_started_within_10_s(tmp_path: Path, stop: signal.Signals) -> None:
+    """Issue 10, item 12: SIGTERM used to leave embedded PostgreSQL (and Ray's processes) running."""
+    import psutil
+
+    env = _env(tmp_path)
+    log = (tmp_path / "up.log").open("w")
+    proc = subprocess.Popen([POWERBANK, "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{env['HTTP_PORT']}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "powerbank up did not become healthy in 120 s"
+            time.sleep(0.5)
+        started += psutil.Process(proc.pid).children(recursive=True)
+        names = [p.name() for p in started]
+        assert any("valkey" in n or "redis" in n for n in names), names
+        assert any("raylet" in n or "gcs_server" in n for n in names), names
+        postmaster = tmp_path / "var" / "postgres" / "postmaster.pid"  # pg_ctl detaches PostgreSQL
+        started.append(psutil.Process(int(postmaster.read_text().split()[0])))
+        signalled = time.monotonic()
+        proc.send_signal(stop)
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(started, timeout=max(0.0, signalled + 10 - time.monotonic()))
+        assert not alive, [(p.pid, p.name()) for p in alive]
+        assert not postmaster.exists()  # PostgreSQL shut down cleanly
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for leftover in started:  # whatever a failed stop left behind must not outlive the test
+            with contextlib.suppress(psutil.Error):
+                leftover.kill()
+        log.close()

@@ -126,6 +126,7 @@ async def _setup(stack: AsyncExitStack, loop: asyncio.AbstractEventLoop, base: A
     settings_ = base.model_copy(
         update={
             "public_base_url": "http://127.0.0.1:9",
+            "payments_sandbox": True,  # the fakes use the gateways' published test credentials
             "app_return_url": None,
             "khalti_base_url": khalti.api_url,
             "khalti_secret_key": khalti.secret_key,

@@ -47,6 +47,7 @@ async def gateways(system: Any, base_url: str) -> AsyncIterator[Gateways]:
         fakes.khalti.base_url, fakes.esewa.base_url, fakes.stripe.base_url = khalti_url, esewa_url, stripe_url
         overrides = {
             "public_base_url": base_url,
+            "payments_sandbox": True,  # the fakes use the gateways' published test credentials
             "app_return_url": None,
             "khalti_base_url": fakes.khalti.api_url,
             "khalti_secret_key": fakes.khalti.secret_key,

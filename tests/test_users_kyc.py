@@ -236,9 +236,6 @@ async def test_profile_validation_and_email_conflict(
         ({"email": "x" * 250 + "@example.com"}, "email"),
         ({"name": "   "}, "name"),
         ({"name": "n" * 121}, "name"),
-        ({"name": "bad\x00name"}, "name"),
-        ({"email": "nul\x00@example.com"}, "email"),
-        ({"avatar_url": "https://example.com/\x00.png"}, "avatar_url"),
         ({"avatar_url": "ftp://example.com/a.png"}, "avatar_url"),
         ({"avatar_url": "javascript:alert(1)"}, "avatar_url"),
         ({"avatar_url": "https://example.com/" + "a" * 500}, "avatar_url"),
@@ -246,6 +243,13 @@ async def test_profile_validation_and_email_conflict(
     ]:
         r = await client.patch("/api/users/profile", json=patch, headers=b.auth)
         assert _error(r, 400, "validation_error")["error"]["context"]["field"] == field, patch
+    for patch, field in [  # text PostgreSQL cannot store: 422 naming the field, before the route runs
+        ({"name": "bad\x00name"}, "name"),
+        ({"email": "nul\x00@example.com"}, "email"),
+        ({"avatar_url": "https://example.com/\x00.png"}, "avatar_url"),
+    ]:
+        r = await client.patch("/api/users/profile", json=patch, headers=b.auth)
+        assert _error(r, 422, "validation_error")["error"]["context"]["errors"][0]["loc"] == ["body", field]
     _error(
         await client.patch("/api/users/profile", json={"name": 5}, headers=b.auth), 422, "validation_error"
     )
@@ -487,7 +491,7 @@ async def test_kyc_reject_with_reason_then_resubmit(
     r = await client.post(f"/api/admin/kyc/{kyc_id}/reject", json={"reason": "  "}, headers=op)
     _error(r, 422, "validation_error")
     r = await client.post(f"/api/admin/kyc/{kyc_id}/reject", json={"reason": "blurred\x00"}, headers=op)
-    _error(r, 400, "validation_error")
+    assert _error(r, 422, "validation_error")["error"]["context"]["errors"][0]["loc"] == ["body", "reason"]
     _error(
         await client.get(f"/api/admin/kyc/{kyc_id}/files/back", headers=op), 404, "not_found"
     )  # no back for a passport

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -116,6 +116,43 @@ async def list_rentals(
     )
     results = [AdminRentalOut.build(r) for r in rows]
     return ok(Page(results=results, count=count, page=paging.page, page_size=paging.page_size))
+
+
+@router.get("/rentals/unsettled")
+async def unsettled_rentals(
+    operator: OperatorUser, svc: ServicesDep, session: SessionDep
+) -> Envelope[list[AdminRentalOut]]:
+    """PENDING_POPUP rentals older than PENDING_POPUP_RESOLVE_S, oldest first (at most 200): ejects that no
+    reply or snapshot has confirmed. They stay open until the cabinet reports, or an operator settles one."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=svc.settings.pending_popup_resolve_s)
+    return ok([AdminRentalOut.build(r) for r in await rentals.unsettled(session, older_than=cutoff)])
+
+
+class SettleIn(BaseModel):
+    ejected: bool  # true: the bank came out (the rental runs from the eject); false: it did not
+    reason: str = Field(min_length=1, max_length=500)
+
+
+@router.post("/rentals/{rental_id}/settle")
+async def settle_unconfirmed(
+    rental_id: uuid.UUID, body: SettleIn, operator: OperatorUser, session: SessionDep, request: Request
+) -> Envelope[AdminRentalOut]:
+    """Settle an unconfirmed eject, audited: `ejected: true` → ACTIVE from the eject, charged by the rules
+    (once); `false` → CANCELLED, nothing charged. Any other state → 409 `invalid_state`."""
+    before = _rental_state(await rentals.get(session, rental_id))
+    await rentals.settle_unconfirmed(session, rental_id=rental_id, ejected=body.ejected, reason=body.reason)
+    rental = await rentals.get(session, rental_id)
+    await audit.record(
+        session,
+        actor=operator,
+        action="rental.settled",
+        target_type="rental",
+        target_id=rental_id,
+        before=before,
+        after={**_rental_state(rental), "reason": body.reason, "ejected": body.ejected},
+        ip=request_ip(request),
+    )
+    return ok(AdminRentalOut.build(rental), "Rental settled.")
 
 
 @router.get("/rentals/{rental_id}")

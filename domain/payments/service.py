@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from config import Settings
 from domain import notifications, wallet
 from domain.errors import Forbidden, InvalidState, NotFound, ValidationFailed
-from domain.payments import esewa, khalti, stripe
+from domain.payments import esewa, gateways, khalti, stripe
 from domain.payments.errors import GatewayUnavailable, PaymentAmountMismatch, PaymentSignatureInvalid
 from domain.payments.metrics import PAYMENTS, SIGNATURE_FAILURES
 from domain.payments.outcomes import Outcome, Paid, Unpaid
@@ -109,6 +109,7 @@ def checked_amount(amount: Decimal, settings: Settings) -> Decimal:
 
 
 def khalti_client(settings: Settings) -> khalti.KhaltiClient:
+    gateways.require(settings, Gateway.KHALTI)
     return khalti.KhaltiClient(
         base_url=settings.khalti_base_url,
         secret_key=settings.khalti_secret_key,
@@ -117,6 +118,7 @@ def khalti_client(settings: Settings) -> khalti.KhaltiClient:
 
 
 def esewa_client(settings: Settings) -> esewa.EsewaClient:
+    gateways.require(settings, Gateway.ESEWA)
     return esewa.EsewaClient(
         base_url=settings.esewa_base_url,
         product_code=settings.esewa_product_code,
@@ -125,6 +127,7 @@ def esewa_client(settings: Settings) -> esewa.EsewaClient:
 
 
 def stripe_client(settings: Settings) -> stripe.StripeClient:
+    gateways.require(settings, Gateway.STRIPE)
     return stripe.StripeClient(
         base_url=settings.stripe_base_url,
         secret_key=settings.stripe_secret_key,
@@ -196,7 +199,8 @@ async def create_topup(
 ) -> Created:
     """Record a PENDING intent, then open the payment at the gateway (outside any transaction)."""
     amount = checked_amount(amount, settings)
-    khalti_api = khalti_client(settings) if gateway == Gateway.KHALTI else None  # refuse early if off
+    gateways.require(settings, gateway)  # refuse early if off
+    khalti_api = khalti_client(settings) if gateway == Gateway.KHALTI else None
     stripe_api = stripe_client(settings) if gateway == Gateway.STRIPE else None
     intent_id = uuid.uuid4()
     expires_at = datetime.now(UTC) + timedelta(seconds=settings.topup_intent_ttl_s)
@@ -358,6 +362,7 @@ async def _current(db: Database, intent_id: uuid.UUID) -> TopupState:
 
 
 def _esewa_response(settings: Settings, data: str) -> esewa.Response:
+    gateways.require(settings, Gateway.ESEWA)
     try:
         response = esewa.decode_response(data, secret=settings.esewa_secret_key)
     except PaymentSignatureInvalid as exc:
@@ -456,7 +461,8 @@ async def stripe_webhook(
     *, db: Database, settings: Settings, payload: bytes, signature: str | None
 ) -> TopupState | None:
     """A Stripe event, its signature checked on the raw body. Events we do not handle, and payments
-    that are not top-ups of ours, are acknowledged and ignored (None)."""
+    that are not top-ups of ours, are acknowledged and ignored (None). Without STRIPE_WEBHOOK_SECRET every
+    event is refused (400); no top-up can be waiting on a gateway that was never live."""
     try:
         event = stripe.verify_webhook(
             payload,
