@@ -108,12 +108,6 @@ class Fleet:
         the owning host is unreachable."""
         await self._ask(serial_number, "on_upload", payload, unavailable=None)
 
-    async def session_answers(self, serial_number: str, timeout_s: float) -> bool:
-        """Whether the cabinet's MQTT session answers a `check` within `timeout_s`; False when it has none,
-        or its host is unreachable or restarting (logged)."""
-        answers: bool = await self._ask(serial_number, "session_answers", timeout_s, unavailable=False)
-        return answers
-
     async def status(self, serial_number: str) -> KioskStatus | None:
         """The kiosk's live status; None (offline) while its host is unreachable or restarting."""
         status: KioskStatus | None = await self._ask(serial_number, "status", unavailable=None)

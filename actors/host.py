@@ -186,11 +186,6 @@ class KioskHost:
         """A frame posted over HTTP by anyone who knows the SN: only a hint (see `Kiosk._on_upload`)."""
         await self._tell(serial_number, FrameReceived(kind=HTTP_UPLOAD, payload=payload))
 
-    async def session_answers(self, serial_number: str, timeout_s: float) -> bool:
-        """Whether the cabinet holds a live MQTT session that answers within `timeout_s`."""
-        kiosk = await self._owned(serial_number)
-        return kiosk is not None and await kiosk.session_answers(timeout_s)
-
     async def broker_restarted(self) -> None:
         """The broker lost every connection: every cabinet is offline until it reconnects."""
         await self.started()

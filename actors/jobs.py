@@ -34,6 +34,7 @@ from sqlalchemy import func, select
 
 from config import Settings
 from domain import idempotency, notifications, rentals
+from domain.payments import reconcile
 from domain.push import PushSender, fcm_client
 from domain.sms import SmsBackend, sms_backend
 from storage.db import Database
@@ -104,6 +105,11 @@ async def complete_lost(ctx: JobContext) -> int:
         return len(await rentals.complete_lost(session, now=ctx.now(), settings=ctx.settings))
 
 
+async def reconcile_topups(ctx: JobContext) -> dict[str, int]:
+    """Top-ups paid at the gateway but never verified: credited once; unpaid after 24 h: EXPIRED."""
+    return (await reconcile.reconcile(ctx.db, ctx.settings, now=ctx.now())).results
+
+
 JOBS: dict[str, Job] = {
     "mark_overdue": Job(
         name="mark_overdue", run=mark_overdue, interval_s=attrgetter("job_mark_overdue_interval_s")
@@ -120,6 +126,11 @@ JOBS: dict[str, Job] = {
         name="purge_idempotency_keys",
         run=purge_idempotency_keys,
         interval_s=attrgetter("job_purge_idempotency_keys_interval_s"),
+    ),
+    "reconcile_topups": Job(
+        name="reconcile_topups",
+        run=reconcile_topups,
+        interval_s=attrgetter("job_reconcile_topups_interval_s"),
     ),
 }
 

@@ -229,7 +229,6 @@ class Kiosk:
         # seen before it was sent.
         self._settle_lock = asyncio.Lock()
         self._snapshot_waiters: list[asyncio.Future[None]] = []
-        self._frame_waiters: list[asyncio.Future[None]] = []  # any frame over MQTT (see `session_answers`)
         self._last_upload_check = float("-inf")
         self._last_frames: dict[str, tuple[bytes, rentbox.Decoded]] = {}  # by topic kind
         self._holes_seen: tuple[rentbox.HoleInfo, ...] = ()  # the last snapshot applied
@@ -314,7 +313,6 @@ class Kiosk:
             await self._connected()
             await self.ports.publish(self.serial_number, rentbox.check())
         self.last_seen = time.monotonic()
-        _wake(self._frame_waiters)
         metrics.FRAMES.labels(cmd=f"0x{decoded.cmd:02X}").inc()
         if not decoded.checksum_ok:
             metrics.CHECKSUM_MISMATCHES.inc()
@@ -381,22 +379,6 @@ class Kiosk:
             detail,
             differs,
         )
-
-    async def session_answers(self, timeout_s: float) -> bool:
-        """Whether the cabinet's MQTT session is live: it is sent `check` and some frame comes back over MQTT
-        within `timeout_s`. False at once when the kiosk knows of no session (offline)."""
-        if not self.online:
-            return False
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._frame_waiters.append(waiter)
-        try:
-            await self.ports.publish(self.serial_number, rentbox.check())
-            await asyncio.wait({waiter}, timeout=timeout_s)
-            return waiter.done() and not waiter.cancelled()
-        finally:
-            if not waiter.done():
-                waiter.cancel()
-                self._frame_waiters.remove(waiter)
 
     def _banks(self) -> set[str]:
         return {s.powerbank_sn for s in self.slots.values() if s.powerbank_sn}

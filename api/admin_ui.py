@@ -375,8 +375,16 @@ class StationAdmin(ReadOnly, model=Station):
         Station.opening_time,
         Station.closing_time,
         Station.created_at,
+        Station.first_connected_at,
+        Station.credentials_issued_at,
+        Station.credentials_issued_ip,
+        Station.reprovision_until,
     ]
     column_labels = {
+        Station.first_connected_at: "First MQTT login",
+        Station.credentials_issued_at: "Credentials last issued (boot call)",
+        Station.credentials_issued_ip: "... to IP",
+        Station.reprovision_until: "Re-provisioning window open until",
         "state": "State",
         "available": "Available power banks",
         "empty": "Empty slots",

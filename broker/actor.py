@@ -14,7 +14,7 @@ from actors.bus import Stream, commands_stream, events_stream
 from actors.fleet import Fleet
 from actors.messages import CONNECTED, DISCONNECTED, SUBSCRIBED, CabinetEvent
 from actors.placement import owner
-from broker.service import MqttBroker
+from broker.service import MqttBroker, TlsListener
 from config import Settings
 from domain import stations
 from storage.db import Database
@@ -34,6 +34,10 @@ class FleetRouter:
         self.db = db
         # Read for every CONNECT (never cached), one query for all the CONNECTs that arrive meanwhile
         self._secrets = Lookup[str, str | None](self._secret_hashes, default=None)
+        # First logins are recorded (the boot call then needs an operator's window), once per SN and process
+        self._first_logins = Lookup[str, None](self._mark_connected, default=None)
+        self._marked: set[str] = set()
+        self._marking: set[asyncio.Task[None]] = set()
         self.outboxes = {
             name: Outbox[CabinetEvent](
                 f"to-{name}",
@@ -46,11 +50,26 @@ class FleetRouter:
 
     async def authenticate(self, serial_number: str, password: str) -> bool:
         stored = await self._secrets.get(serial_number)
-        return stored is not None and stations.secret_matches(password, stored)
+        admitted = stored is not None and stations.secret_matches(password, stored)
+        if admitted and serial_number not in self._marked:
+            self._marked.add(serial_number)
+            task = asyncio.get_running_loop().create_task(self._first_logins.get(serial_number))
+            self._marking.add(task)
+            task.add_done_callback(self._marking.discard)
+        return admitted
 
     async def _secret_hashes(self, serial_numbers: list[str]) -> dict[str, str | None]:
         async with self.db.transaction() as session:
             return dict(await stations.cabinet_secret_hashes(session, serial_numbers))
+
+    async def _mark_connected(self, serial_numbers: list[str]) -> dict[str, None]:
+        try:
+            async with self.db.transaction() as session:
+                await stations.mark_connected(session, serial_numbers)
+        except Exception as exc:  # the next login of these cabinets tries again
+            self._marked.difference_update(serial_numbers)
+            log.warning("event=first_login_not_recorded cabinets=%s error=%r", len(serial_numbers), exc)
+        return {}
 
     def _post(self, serial_number: str, kind: str, payload: bytes = b"") -> None:
         self.outboxes[owner(serial_number, self.fleet.hosts)].put((serial_number, kind, payload))
@@ -71,6 +90,14 @@ class FleetRouter:
         await asyncio.gather(*(outbox.flushed() for outbox in self.outboxes.values()))
 
 
+def tls_listener(settings: Settings) -> TlsListener | None:
+    if settings.mqtt_tls_certfile is None and settings.mqtt_tls_keyfile is None:
+        return None
+    if settings.mqtt_tls_certfile is None or settings.mqtt_tls_keyfile is None:
+        raise ValueError("MQTT over TLS needs both MQTT_TLS_CERTFILE and MQTT_TLS_KEYFILE.")
+    return TlsListener(settings.mqtt_tls_port, settings.mqtt_tls_certfile, settings.mqtt_tls_keyfile)
+
+
 class BrokerService:
     def __init__(self, settings: Settings) -> None:
         logs.configure(settings.log_level)
@@ -89,6 +116,7 @@ class BrokerService:
             max_payload_bytes=settings.mqtt_max_payload_bytes,
             max_connections_per_ip=settings.mqtt_max_connections_per_ip,
             connect_timeout_s=settings.mqtt_connect_timeout_s,
+            tls=tls_listener(settings),
         )
         self._started = False
 

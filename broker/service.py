@@ -6,6 +6,9 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import rentbox
@@ -20,6 +23,24 @@ STOP_TIMEOUT_S = 10.0
 
 class PortInUse(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    """A second listener, MQTT over TLS (MQTT_TLS_PORT, 8883 by default), beside plain TCP for cabinets
+    whose firmware cannot do TLS. Same gate, same rules; only the transport differs."""
+
+    port: int
+    certfile: Path
+    keyfile: Path
+
+    def check(self) -> None:
+        """Refuse to start with a clear message when the certificate or key cannot be used."""
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.certfile, self.keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            files = f"{self.certfile}, {self.keyfile}"
+            raise ValueError(f"MQTT_TLS_CERTFILE / MQTT_TLS_KEYFILE ({files}) cannot be used: {exc}") from exc
 
 
 def ensure_port_free(host: str, port: int, setting: str) -> None:
@@ -56,12 +77,13 @@ class MqttBroker:
         max_connections_per_ip: int = 50,
         allow_anonymous: bool = False,
         connect_timeout_s: float = 10.0,
+        tls: TlsListener | None = None,
     ) -> None:
         if max_payload_bytes < 1 or max_connections_per_ip < 1 or connect_timeout_s <= 0:
             raise ValueError(
                 "max_payload_bytes, max_connections_per_ip and connect_timeout_s must be positive"
             )
-        self.host, self.port, self.product_key = host, port, product_key
+        self.host, self.port, self.product_key, self.tls = host, port, product_key, tls
         self.allow_anonymous = allow_anonymous
         self._limits: dict[str, Any] = {
             "max_payload_bytes": max_payload_bytes,
@@ -78,18 +100,31 @@ class MqttBroker:
                 },
             },
         }
+        if tls is not None:
+            self._config["listeners"]["tls"] = {
+                "type": "tcp",
+                "bind": f"{host}:{tls.port}",
+                "max_connections": -1,
+                "ssl": True,
+                "certfile": str(tls.certfile),
+                "keyfile": str(tls.keyfile),
+            }
         self._broker: HardenedBroker | None = None
 
     async def start(self) -> None:
         ensure_port_free(self.host, self.port, "MQTT_PORT")
+        if self.tls is not None:
+            self.tls.check()
+            ensure_port_free(self.host, self.tls.port, "MQTT_TLS_PORT")
         for name, what in upstream_drift().items():
             log.warning("event=amqtt_drift function=%s %s: re-review broker/hardened.py", name, what)
         self._broker = HardenedBroker(self._config, **self._limits)
         await self._broker.start()
         log.info(
-            "event=broker_started host=%s port=%s product_key=%s allow_anonymous=%s %s",
+            "event=broker_started host=%s port=%s tls_port=%s product_key=%s allow_anonymous=%s %s",
             self.host,
             self.port,
+            self.tls.port if self.tls is not None else "off",
             self.product_key,
             self.allow_anonymous,
             " ".join(f"{k}={v}" for k, v in self._limits.items()),

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
     mqtt_public_host: str | None = None
+    # MQTT over TLS beside plain TCP: on when both files are set (PEM certificate chain and private key)
+    mqtt_tls_port: int = Field(default=8883, ge=1, le=65535)
+    mqtt_tls_certfile: Path | None = None
+    mqtt_tls_keyfile: Path | None = None
     mqtt_product_key: str = "powerbank"
     mqtt_max_payload_bytes: int = 4096
     mqtt_max_connections_per_ip: int = 50
@@ -126,6 +130,11 @@ class Settings(BaseSettings):
     job_purge_idempotency_keys_interval_s: float = Field(default=3600.0, gt=0)
     job_mark_overdue_interval_s: float = Field(default=60.0, gt=0)
     job_complete_lost_interval_s: float = Field(default=300.0, gt=0)
+    job_reconcile_topups_interval_s: float = Field(default=30.0, gt=0)
+    topup_reconcile_first_s: float = Field(
+        default=60.0, gt=0
+    )  # an unverified top-up is first asked after this
+    topup_reconcile_for_s: float = Field(default=86400.0, gt=0)  # ... and asked (gaps doubling) for this long
 
     # --- stations around a rental ---
     nearby_default_radius_km: float = Field(default=5.0, gt=0)  # stations/nearby without ?radius=
@@ -162,9 +171,9 @@ class Settings(BaseSettings):
     kyc_s3_prefix: str = "kyc/"  # object names are <prefix><user_id>/<submission_id>/<side>.<ext>
 
     # --- cabinet firmware HTTP calls (rentbox-v1.md section 5: `sign` has no secret, so proves nothing) ---
-    # /con for a cabinet holding an MQTT session: it is asked `check`; any frame back within this → 409
-    con_liveness_probe_s: float = Field(default=3.0, gt=0)
-    con_per_cabinet_per_hour: int = Field(default=12, ge=1)  # /con calls per cabinet SN; more → 429
+    # /con issues credentials to a cabinet that has logged in before only within an operator's window
+    reprovision_window_s: int = Field(default=900, ge=60, le=86400)
+    con_per_cabinet_per_hour: int = Field(default=12, ge=1)  # credentials issued per cabinet SN; more → 429
     con_per_ip_per_hour: int = Field(default=600, ge=1)  # per client IP (a carrier NAT after a power cut)
     upload_check_interval_s: float = Field(default=10.0, gt=0)  # HTTP uploads ask `check` at most this often
 

@@ -216,6 +216,46 @@ async def rotate_secret(session: AsyncSession, serial_number: str) -> str:
     return secret
 
 
+def boot_call_refusal(station: Station, now: datetime) -> str | None:
+    """Why the boot call (`/api/iot/client/con`, unsigned: anyone who knows the SN) may not issue new MQTT
+    credentials to this cabinet now, or None. Credentials go to a cabinet that has never logged in, or
+    inside a re-provisioning window an operator opened; otherwise an impostor could take over an offline
+    cabinet (new credentials lock the real one out)."""
+    if station.first_connected_at is None:
+        return None
+    if station.reprovision_until is not None and now < station.reprovision_until:
+        return None
+    return "registered"
+
+
+async def issue_boot_credentials(session: AsyncSession, serial_number: str, *, ip: str, now: datetime) -> str:
+    """New MQTT credentials for the boot call (its refusal checked by the caller under this row lock): the
+    issue is recorded (when, to which IP) and a re-provisioning window is used up."""
+    station = await by_serial(session, serial_number, lock=True)
+    secret = secrets.token_urlsafe(32)
+    station.mqtt_secret_hash = hash_secret(secret)
+    station.credentials_issued_at, station.credentials_issued_ip = now, ip
+    station.reprovision_until = None
+    return secret
+
+
+async def open_reprovision_window(session: AsyncSession, serial_number: str, *, until: datetime) -> Station:
+    """Let the boot call issue new credentials to this cabinet once, until `until`."""
+    station = await by_serial(session, serial_number, lock=True)
+    station.reprovision_until = until
+    await session.flush()
+    return station
+
+
+async def mark_connected(session: AsyncSession, serial_numbers: Sequence[str]) -> None:
+    """These cabinets logged in over MQTT: from now on the boot call needs an operator's window."""
+    await session.execute(
+        update_(Station)
+        .where(Station.serial_number.in_(serial_numbers), Station.first_connected_at.is_(None))
+        .values(first_connected_at=func.now())
+    )
+
+
 async def set_maintenance(session: AsyncSession, serial_number: str, *, on: bool) -> Station:
     """Take a station out of service (no rentals start there) or put it back."""
     station = await by_serial(session, serial_number, lock=True)

@@ -154,6 +154,12 @@ class Station(Base):
     holes_per_board: Mapped[int] = mapped_column(Integer, default=8)
     status: Mapped[StationStatus] = mapped_column(enum_type(StationStatus), default=StationStatus.ACTIVE)
     mqtt_secret_hash: Mapped[str] = mapped_column(String(128))
+    # Who got MQTT credentials from the boot call, and when; whether the cabinet ever logged in; until when
+    # an operator allows the boot call to issue new credentials to a cabinet that has (see domain.stations).
+    credentials_issued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    credentials_issued_ip: Mapped[str | None] = mapped_column(String(45))
+    first_connected_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    reprovision_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     opening_time: Mapped[str | None] = mapped_column(String(5))
     closing_time: Mapped[str | None] = mapped_column(String(5))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -7,7 +7,18 @@ import uuid
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Numeric, String, UniqueConstraint, func
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    UniqueConstraint,
+    func,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.models import Base, enum_type
@@ -46,6 +57,9 @@ class PaymentIntent(Base):
     failure_reason: Mapped[str | None] = mapped_column(String(64))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # reconciliation (jobs: reconcile_topups): how often the gateway was asked, and when to ask next
+    checks: Mapped[int] = mapped_column(Integer, server_default="0", default=0)
+    next_check_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
@@ -54,4 +68,9 @@ class PaymentIntent(Base):
     __table_args__ = (
         CheckConstraint("amount > 0", name="amount_positive"),
         UniqueConstraint("gateway", "gateway_ref", name="uq_payment_intents_gateway_ref"),
+        Index(
+            "ix_payment_intents_unsettled",
+            "created_at",
+            postgresql_where=text("status IN ('PENDING', 'EXPIRED')"),
+        ),
     )

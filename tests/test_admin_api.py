@@ -239,7 +239,11 @@ async def test_rotated_secret_refuses_the_old_password_at_next_connect(
         assert r.status_code == 200, r.text
         mqtt = r.json()["data"]["mqtt"]
         assert mqtt["password"] != old.password and mqtt["username"] == old.sn
-        assert cabinet.connected  # the session it has goes on until it reconnects
+
+        async def cut_off() -> bool:  # the session it had is closed at once
+            return not cabinet.connected
+
+        await eventually(cut_off)
     finally:
         await cabinet.stop()
     with pytest.raises(CabinetRefused):

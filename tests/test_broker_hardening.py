@@ -29,7 +29,7 @@ from amqtt.client import MQTTClient
 from prometheus_client import REGISTRY
 
 from broker import hardened
-from broker.service import MqttBroker
+from broker.service import MqttBroker, TlsListener
 from tests.conftest import free_port
 
 PK = "powerbank"
@@ -1090,3 +1090,85 @@ async def test_broker_command_serves_until_interrupted() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+# --------------------------------------------------------------------------------------------------
+# MQTT over TLS (issue 10, item 10)
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "broker.test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = directory / "broker.crt", directory / "broker.key"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return certfile, keyfile
+
+
+async def mosquitto_pub(port: int, certfile: Path, sn: str, password: str, payload: str) -> int:
+    """Mosquitto's own client over TLS, verifying the broker's certificate; its exit code."""
+    process = await asyncio.create_subprocess_exec(
+        *("mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "--cafile", str(certfile)),
+        *("-i", sn, "-u", sn, "-P", password, "-t", up(sn), "-m", payload, "-q", "1"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(10):
+        await process.communicate()
+    assert process.returncode is not None
+    return process.returncode
+
+
+async def test_cabinets_can_connect_over_tls_beside_plain_tcp(tmp_path: Path) -> None:
+    if shutil.which("mosquitto_pub") is None:
+        pytest.skip("mosquitto_pub is missing: apt-get install mosquitto-clients (.ci/run does)")
+    certfile, keyfile = self_signed(tmp_path)
+    tls = TlsListener(free_port(), certfile, keyfile)
+    async with running(tls=tls) as r:
+        assert await mosquitto_pub(tls.port, certfile, CAB_A, SECRETS[CAB_A], "over-tls") == 0
+        await r.fleet.wait("frame", CAB_A, "update", b"over-tls")
+        # the same gate on the TLS listener: a wrong password is refused
+        assert await mosquitto_pub(tls.port, certfile, CAB_B, "wrong", "nope") != 0
+        assert not [e for e in r.fleet.of(CAB_B) if e[0] == "frame"]
+        # plain MQTT on the TLS port gets no CONNACK; plain TCP stays for firmware without TLS
+        raw = await Raw.open(tls.port)
+        async with asyncio.timeout(5):
+            assert await raw.send_connect(CAB_B, username=CAB_B, password=SECRETS[CAB_B]) != 0
+        plain = await Raw.cabinet(r.port, CAB_B)
+        await plain.publish(up(CAB_B), b"over-tcp")
+        await r.fleet.wait("frame", CAB_B, "update", b"over-tcp")
+
+
+def test_an_unusable_certificate_stops_the_broker_with_the_settings_named(tmp_path: Path) -> None:
+    (tmp_path / "broker.crt").write_text("not a certificate")
+    tls = TlsListener(8883, tmp_path / "broker.crt", tmp_path / "missing.key")
+    with pytest.raises(ValueError, match="MQTT_TLS_CERTFILE / MQTT_TLS_KEYFILE"):
+        tls.check()

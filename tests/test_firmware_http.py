@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import func, select
 
 import rentbox
-from simulators import Faults
+from domain import stations
 from simulators.cabinet import CabinetCredentials, CabinetRefused, SimulatedCabinet
-from storage.models import DeviceEvent
+from storage.models import DeviceEvent, Station
 from tests.conftest import Api
 from tests.support import (
     active,
@@ -257,53 +257,91 @@ async def test_boot_call_issues_working_credentials_to_provisioned_cabinets_only
     assert forged.status_code == 403 and forged.json()["code"] == 403
 
 
-async def test_boot_call_for_a_cabinet_online_is_refused_and_its_secret_kept(
-    client: httpx.AsyncClient, operator_token: str
+async def stations_row(system: Any, sn: str) -> Station:
+    async with system.services.db.transaction() as session:
+        return await stations.by_serial(session, sn)
+
+
+async def test_a_cabinet_that_logged_in_gets_no_new_credentials_without_an_operator(
+    client: httpx.AsyncClient, operator_token: str, system: Any
 ) -> None:
-    """A real cabinet calls /con only while booting, its MQTT session down: when the session answers a
-    `check`, the caller is someone else. 409, and the cabinet's password still works."""
+    """Issue 10, item 3: anyone who knows the SN of an offline cabinet got fresh credentials and locked the
+    real one out. Once a cabinet has logged in, the boot call is refused (409) and its password kept, online
+    or not; refused calls do not use up its hourly budget."""
     cabinet = await start_cabinet(client, operator_token)
     try:
         await wait_ready(client, operator_token, cabinet.sn)
-        asked = checks(cabinet)
-        refused = await metric(client, "powerbank_firmware_requests_total", endpoint="con", result="409")
 
-        r = await client.get(CON, params=signed(uuid=cabinet.sn, version="1.0.3"))
+        async def recorded() -> bool:
+            return (await stations_row(system, cabinet.sn)).first_connected_at is not None
 
-        assert r.status_code == 409, r.text
-        assert r.json()["code"] == 409 and r.json()["msg"] == "cabinet online" and r.json()["data"] is None
-        assert checks(cabinet) == asked + 1
-        assert await metric(client, "powerbank_firmware_requests_total", endpoint="con", result="409") == (
-            refused + 1
-        )
+        await eventually(recorded)
     finally:
-        await cabinet.stop()
+        await cabinet.stop()  # offline now, as after a power cut
+    refused = await metric(client, "powerbank_firmware_requests_total", endpoint="con", result="409")
+    budget = system.services.settings.con_per_cabinet_per_hour
+    for _ in range(budget + 2):
+        r = await client.get(CON, params=signed(uuid=cabinet.sn, version="1.0.3"))
+        assert r.status_code == 409, r.text
+        assert (
+            r.json()["code"] == 409
+            and "re-provisioning window" in r.json()["msg"]
+            and r.json()["data"] is None
+        )
+    assert await metric(client, "powerbank_firmware_requests_total", endpoint="con", result="409") == (
+        refused + budget + 2
+    )
     assert await logs_in(cabinet.credentials, cabinet.banks())  # it reconnects with the password it had
 
+    # An operator opens a window (audited): one boot call gets credentials (not 429: nothing was used up)
+    op = {"Authorization": f"Bearer {operator_token}"}
+    r = await client.post(f"/api/admin/stations/{cabinet.sn}/reprovision", headers=op)
+    assert r.status_code == 200, r.text
+    ip = f"2001:db8::{uuid.uuid4().hex[:4]}"
+    r = await client.get(
+        CON, params=signed(uuid=cabinet.sn, version="1.0.3"), headers={"X-Forwarded-For": ip}
+    )
+    assert r.status_code == 200, r.text
+    assert await logs_in(credentials(r.json()), cabinet.banks())
+    assert not await logs_in(cabinet.credentials, cabinet.banks())
+    again = await client.get(CON, params=signed(uuid=cabinet.sn, version="1.0.3"))
+    assert again.status_code == 409  # the window is used up by that one issue
+    detail = (await client.get(f"/api/admin/stations/{cabinet.sn}", headers=op)).json()["data"]
+    assert detail["credentials_issued_ip"] in (ip, "127.0.0.1") and detail["credentials_issued_at"]
+    assert detail["first_connected_at"] and detail["reprovision_until"] is None
+    entries = await client.get(
+        "/api/admin/audit", params={"target_type": "station", "target_id": cabinet.sn}, headers=op
+    )
+    assert "station.reprovision_opened" in [e["action"] for e in entries.json()["data"]["results"]]
 
-async def test_boot_call_after_a_stale_session_issues_new_credentials(
+
+async def test_opening_a_window_closes_a_live_session_at_once(
     client: httpx.AsyncClient, operator_token: str
 ) -> None:
-    """A power-loss reboot leaves the broker a session that answers nothing: after CON_LIVENESS_PROBE_S the
-    boot call issues credentials as usual."""
+    """Whoever holds the cabinet's session (the cabinet, or an impostor) is cut off, so it cannot answer
+    for the cabinet while the real one re-provisions."""
     cabinet = await start_cabinet(client, operator_token)
     try:
         await wait_ready(client, operator_token, cabinet.sn)
-        cabinet.faults = Faults(silent=True)
+        op = {"Authorization": f"Bearer {operator_token}"}
+        r = await client.post(f"/api/admin/stations/{cabinet.sn}/reprovision", headers=op)
+        assert r.status_code == 200 and r.json()["data"]["disconnected"] is True, r.text
 
+        async def cut_off() -> bool:
+            return not cabinet.connected
+
+        await eventually(cut_off)
         r = await client.get(CON, params=signed(uuid=cabinet.sn, version="1.0.3"))
-
         assert r.status_code == 200, r.text
     finally:
         await cabinet.stop()
     assert await logs_in(credentials(r.json()), cabinet.banks())
-    assert not await logs_in(cabinet.credentials, cabinet.banks())
 
 
 async def test_boot_call_is_rate_limited_per_cabinet_and_per_client_ip(
     client: httpx.AsyncClient, operator_token: str, system: Any
 ) -> None:
-    creds = await provision(client, operator_token)
+    creds = await provision(client, operator_token)  # never logged in: every call issues credentials
     limit = system.services.settings.con_per_cabinet_per_hour
     for _ in range(limit):
         r = await client.get(CON, params=signed(uuid=creds.sn, version="1"))

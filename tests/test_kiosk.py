@@ -531,20 +531,6 @@ async def test_an_http_snapshot_for_a_cabinet_not_connected_is_only_counted() ->
     assert counted("powerbank_firmware_uploads_ignored_total", reason="cabinet_offline") == offline + 1
 
 
-async def test_a_live_session_is_told_by_a_check_answered_in_time() -> None:
-    cabinet = ScriptedCabinet({1: Bank("11111111")})
-    offline = Kiosk(serial_number="K0", boards=1, holes_per_board=1, config=CONFIG, ports=cabinet)
-    assert await offline.session_answers(0.2) is False and cabinet.commands == []  # no session: no wait
-
-    kiosk = await ready_kiosk(cabinet)
-    sent = checks(cabinet)
-    assert await kiosk.session_answers(0.5) is True
-    assert checks(cabinet) == sent + 1
-    cabinet.answer_check = False  # a stale session: the cabinet rebooted, the broker has not noticed yet
-    assert await kiosk.session_answers(0.2) is False
-    assert kiosk._frame_waiters == []
-
-
 async def test_a_repeated_snapshot_is_not_applied_again_until_the_kiosk_view_moves_on() -> None:
     """The same 0x10 again (a periodic upload of unchanged holes) costs nothing; after an eject the
     kiosk's view differs from the last snapshot, so the same bytes are applied (and reconciled) again."""

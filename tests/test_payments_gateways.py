@@ -9,11 +9,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import func, update
 
 from tests.conftest import Api, free_port, new_phone
 from tests.fakes import FakeEsewa, FakeKhalti, FakeStripe, serve
@@ -594,3 +596,58 @@ async def test_idempotency_key_on_topup_intent_and_verify(
     assert [status_of(r) for r in answers] == ["COMPLETED", "COMPLETED"]
     assert answers[1].headers.get("Idempotent-Replayed") == "true"
     await credited_once(client, token, intent["intent_id"], "100.00")
+
+
+async def test_paid_topups_nobody_verified_are_credited_once_by_the_reconcile_job(
+    client: httpx.AsyncClient, api: Api, gateways: Gateways, system: Any
+) -> None:
+    """Issue 10, item 7: Khalti and eSewa have no webhook; a user who paid and never came back to the app
+    was never credited, and PENDING intents never expired."""
+    from actors.jobs import JOBS, reconcile_topups
+    from domain.payments import reconcile
+    from storage.payment_models import PaymentIntent
+
+    assert JOBS["reconcile_topups"].run is reconcile_topups
+    khalti_user, esewa_user, unpaid_user = await new_user(api), await new_user(api), await new_user(api)
+    khalti_intent = await start_topup(client, khalti_user, "khalti", 250)
+    esewa_intent = await start_topup(client, esewa_user, "esewa", "1500.00")
+    unpaid = await start_topup(client, unpaid_user, "khalti", 100)
+    gateways.khalti.pay(khalti_pidx(khalti_intent))  # paid at the gateway; the app never calls back
+    assert (await submit_esewa_form(esewa_intent)).status_code == 200  # the browser posts eSewa's form
+    gateways.esewa.pay(esewa_intent["intent_id"])
+    ids = [uuid.UUID(i["intent_id"]) for i in (khalti_intent, esewa_intent, unpaid)]
+    db, settings = system.services.db, system.services.settings
+
+    async def age(intent_ids: list[uuid.UUID], seconds: float) -> None:
+        async with db.transaction() as session:
+            await session.execute(
+                update(PaymentIntent)
+                .where(PaymentIntent.id.in_(intent_ids))
+                .values(created_at=func.now() - timedelta(seconds=seconds), next_check_at=None)
+            )
+
+    credited_before = await metric(
+        client, "powerbank_topups_reconciled_total", gateway="khalti", result="credited"
+    )
+    assert (await reconcile.reconcile(db, settings, now=datetime.now(UTC))).results.get("credited", 0) == 0
+    await age(ids, settings.topup_reconcile_first_s + 5)  # the first check is due
+    first = await reconcile.reconcile(db, settings, now=datetime.now(UTC))
+    assert first.results.get("credited") == 2 and first.results.get("pending", 0) >= 1, first.results
+    await credited_once(client, khalti_user, str(ids[0]), "250.00")
+    await credited_once(client, esewa_user, str(ids[1]), "1500.00")
+    await not_credited(client, unpaid_user)
+    again = await reconcile.reconcile(db, settings, now=datetime.now(UTC))  # the next check is not due yet
+    assert again.results.get("credited", 0) == 0
+    await credited_once(client, khalti_user, str(ids[0]), "250.00")
+    credited_now = await metric(
+        client, "powerbank_topups_reconciled_total", gateway="khalti", result="credited"
+    )
+    assert credited_now == credited_before + 1
+
+    await age([ids[2]], settings.topup_reconcile_for_s + 60)  # a day later, still unpaid
+    last = await reconcile.reconcile(db, settings, now=datetime.now(UTC))
+    assert last.results.get("expired", 0) >= 1, last.results
+    async with db.transaction() as session:
+        row = await session.get(PaymentIntent, ids[2])
+        assert row is not None and (row.status.value, row.failure_reason) == ("EXPIRED", "unpaid_after_24h")
+    await not_credited(client, unpaid_user)

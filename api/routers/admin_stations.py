@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -84,6 +84,10 @@ class AdminStationOut(StationOut):
     boards: int
     holes_per_board: int
     created_at: datetime
+    credentials_issued_at: datetime | None  # by the boot call (/api/iot/client/con) ...
+    credentials_issued_ip: str | None  # ... to this client IP
+    first_connected_at: datetime | None  # first MQTT login: from then on the boot call needs a window
+    reprovision_until: datetime | None  # an open re-provisioning window
 
     @classmethod
     def build(cls, station: Station, live: KioskStatus | None) -> AdminStationOut:
@@ -94,6 +98,10 @@ class AdminStationOut(StationOut):
             boards=station.boards,
             holes_per_board=station.holes_per_board,
             created_at=station.created_at,
+            credentials_issued_at=station.credentials_issued_at,
+            credentials_issued_ip=station.credentials_issued_ip,
+            first_connected_at=station.first_connected_at,
+            reprovision_until=station.reprovision_until,
         )
 
 
@@ -253,19 +261,21 @@ async def delete_station(
 
 @router.post("/{serial_number}/rotate-secret")
 async def rotate_secret(
-    serial_number: str, operator: OperatorUser, svc: ServicesDep, session: SessionDep, request: Request
+    serial_number: str, operator: OperatorUser, svc: ServicesDep, request: Request
 ) -> Envelope[SecretOut]:
-    """A new MQTT password, shown only now. A connected cabinet keeps its session until it reconnects;
-    from then on only the new password is accepted."""
-    secret = await stations.rotate_secret(session, serial_number)
-    await audit.record(
-        session,
-        actor=operator,
-        action="station.secret_rotated",
-        target_type="station",
-        target_id=serial_number,
-        ip=request_ip(request),
-    )
+    """A new MQTT password, shown only now. A connected session is closed at once (after the commit, so its
+    reconnect meets the new password): whoever held it, cabinet or impostor, must log in again."""
+    async with svc.db.transaction() as session:
+        secret = await stations.rotate_secret(session, serial_number)
+        await audit.record(
+            session,
+            actor=operator,
+            action="station.secret_rotated",
+            target_type="station",
+            target_id=serial_number,
+            ip=request_ip(request),
+        )
+    await svc.fleet.disconnect(serial_number)
     mqtt = MqttCredentialsOut(
         host=svc.settings.public_mqtt_host,
         port=svc.settings.mqtt_port,
@@ -276,6 +286,36 @@ async def rotate_secret(
     return ok(
         SecretOut(serial_number=serial_number, mqtt=mqtt), "New secret: the password is shown only now."
     )
+
+
+class ReprovisionOut(BaseModel):
+    serial_number: str
+    reprovision_until: datetime
+    disconnected: bool  # a live MQTT session was closed
+
+
+@router.post("/{serial_number}/reprovision")
+async def reprovision(
+    serial_number: str, operator: OperatorUser, svc: ServicesDep, request: Request
+) -> Envelope[ReprovisionOut]:
+    """Open a re-provisioning window (`REPROVISION_WINDOW_S`): the cabinet's next boot call within it gets new
+    MQTT credentials, once (a cabinet that has logged in before gets none otherwise). Any live session is
+    closed now, so that no one holding it can answer for the cabinet. Audited."""
+    until = datetime.now(UTC) + timedelta(seconds=svc.settings.reprovision_window_s)
+    async with svc.db.transaction() as session:
+        await stations.open_reprovision_window(session, serial_number, until=until)
+        await audit.record(
+            session,
+            actor=operator,
+            action="station.reprovision_opened",
+            target_type="station",
+            target_id=serial_number,
+            after={"reprovision_until": until.isoformat()},
+            ip=request_ip(request),
+        )
+    disconnected = await svc.fleet.disconnect(serial_number)
+    out = ReprovisionOut(serial_number=serial_number, reprovision_until=until, disconnected=disconnected)
+    return ok(out, "Re-provisioning window open: reboot the cabinet now.")
 
 
 @router.post("/{serial_number}/maintenance")

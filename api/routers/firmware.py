@@ -3,14 +3,15 @@
 Their answers use the firmware's own `{"code", "msg", "data", "time"}` shape, not the app's envelope.
 `sign` has no secret, so it only proves the caller speaks the protocol, not that it is the cabinet. Hence:
 an HTTP upload is a hint, never evidence (only a 0x10 is taken, and it only makes a connected cabinet answer
-`check` over its authenticated MQTT session); the boot call issues credentials only to provisioned stations,
-never while the cabinet's MQTT session still answers, and at a limited rate per cabinet and per client IP.
+`check` over its authenticated MQTT session); the boot call issues credentials only to provisioned cabinets
+that never logged in or that an operator opened a re-provisioning window for, at a limited rate.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -42,15 +43,18 @@ def _signed(request: Request) -> bool:
 
 @router.get("/api/iot/client/con")
 async def client_connection(request: Request, uuid: str, svc: ServicesDep, version: str = "") -> JSONResponse:
-    """Boot call: MQTT settings for a provisioned cabinet, with a fresh secret (only its hash is stored), so
-    the cabinet's next MQTT login uses the password given here. Anyone who knows an SN can call it, so a
-    cabinet whose MQTT session still answers `check` (a real one calls this only while booting, its session
-    down) keeps its secret (409), and calls are limited per cabinet and per client IP (429)."""
+    """Boot call: MQTT settings with a fresh secret (only its hash is stored), so the cabinet's next MQTT
+    login uses the password given here. Anyone who knows an SN can call it, so it issues credentials only to a
+    provisioned cabinet that has never logged in, or inside a re-provisioning window an operator opened
+    (409 otherwise: the cabinet keeps the password it has); any MQTT session of the cabinet is closed when
+    new credentials go out. Calls are limited per client IP, and issued credentials per cabinet (429); a
+    refused call does not use up the cabinet's budget."""
     ip = request_ip(request)
     if not _signed(request):
         log.warning("event=firmware_bad_sign endpoint=con station_sn=%s ip=%s", uuid, ip)
         return _answer("con", 403, "bad sign")
     settings = svc.settings
+    now = datetime.now(UTC)
     try:
         await ratelimit.hit(
             svc.redis,
@@ -60,15 +64,20 @@ async def client_connection(request: Request, uuid: str, svc: ServicesDep, versi
             window_s=HOUR_S,
         )
         async with svc.db.transaction() as session:
-            provisioned = await stations.station_model(session, uuid) is not None
-        if provisioned:
-            await ratelimit.hit(
-                svc.redis,
-                scope="firmware_con_sn",
-                subject=uuid,
-                limit=settings.con_per_cabinet_per_hour,
-                window_s=HOUR_S,
-            )
+            station = await stations.by_serial(session, uuid, lock=True)
+            refusal = stations.boot_call_refusal(station, now)
+            if refusal is None:
+                await ratelimit.hit(
+                    svc.redis,
+                    scope="firmware_con_sn",
+                    subject=uuid,
+                    limit=settings.con_per_cabinet_per_hour,
+                    window_s=HOUR_S,
+                )
+                password = await stations.issue_boot_credentials(session, uuid, ip=ip, now=now)
+    except NotFound:
+        log.warning("event=firmware_unknown_cabinet endpoint=con station_sn=%s ip=%s", uuid, ip)
+        return _answer("con", 404, "cabinet not provisioned: ask an operator to add it")
     except RateLimited as exc:
         retry_after = str(exc.context["retry_after"])
         log.warning(
@@ -78,23 +87,17 @@ async def client_connection(request: Request, uuid: str, svc: ServicesDep, versi
             retry_after,
         )
         return _answer("con", 429, "too many requests", headers={"Retry-After": retry_after})
-    if not provisioned:
-        log.warning("event=firmware_unknown_cabinet endpoint=con station_sn=%s ip=%s", uuid, ip)
-        return _answer("con", 404, "cabinet not provisioned: ask an operator to add it")
-    if await svc.fleet.session_answers(uuid, settings.con_liveness_probe_s):
+    if refusal is not None:
         log.warning(
-            "event=firmware_credentials_refused reason=cabinet_online station_sn=%s ip=%s version=%s",
+            "event=firmware_credentials_refused reason=%s station_sn=%s ip=%s version=%s",
+            refusal,
             uuid,
             ip,
             version,
         )
-        return _answer("con", 409, "cabinet online")
-    try:
-        async with svc.db.transaction() as session:
-            password = await stations.rotate_secret(session, uuid)
-    except NotFound:  # deleted meanwhile
-        log.warning("event=firmware_unknown_cabinet endpoint=con station_sn=%s ip=%s", uuid, ip)
-        return _answer("con", 404, "cabinet not provisioned: ask an operator to add it")
+        return _answer("con", 409, "cabinet registered: ask an operator to open a re-provisioning window")
+    if await svc.fleet.disconnect(uuid):  # whoever held a session with the old credentials
+        log.warning("event=cabinet_session_closed reason=credentials_issued station_sn=%s", uuid)
     fields = [
         uuid,
         settings.mqtt_product_key,

@@ -12,3 +12,9 @@ SIGNATURE_FAILURES = Counter(
     "Gateway callbacks, redirects or webhooks refused because they could not be authenticated",
     ["gateway"],
 )
+# result: credited, expired (24 h unpaid), pending (asked again later), cancelled, failed, error
+TOPUPS_RECONCILED = Counter(
+    "powerbank_topups_reconciled",
+    "Top-up intents nobody verified, checked with their gateway by the reconcile_topups job",
+    ["gateway", "result"],
+)
