@@ -38,6 +38,9 @@ class IdentifierIn(BaseModel):
 
 class VerifyIn(IdentifierIn):
     otp: str = Field(min_length=4, max_length=8)
+    # operators and admins: their password, or a TOTP code once enrolled (riders send neither)
+    password: str | None = Field(default=None, max_length=1024)
+    totp: str | None = Field(default=None, min_length=6, max_length=8)
 
 
 class RefreshIn(BaseModel):

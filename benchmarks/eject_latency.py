@@ -27,10 +27,12 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from config import Settings
-from domain import users
+from domain import passwords, users
 from powerbank.system import start_system
 from simulators.cabinet import CabinetCredentials, SimulatedCabinet, random_banks
 from storage.models import Role
+
+STAFF_PASSWORD = "benchmark staff password"
 
 
 def free_port() -> int:
@@ -71,16 +73,18 @@ async def main(rentals: int, cabinets: int, pg: str, redis_url: str) -> None:
     try:
         async with httpx.AsyncClient(base_url=base, timeout=60) as client:
 
-            async def login(phone: str) -> dict[str, str]:
+            async def login(phone: str, password: str | None = None) -> dict[str, str]:
                 await client.post("/api/auth/otp/request", json={"identifier": phone})
                 code = json.loads(sms.read_text().splitlines()[-1])["text"].split()[4].rstrip(".")
-                r = await client.post("/api/auth/otp/verify", json={"identifier": phone, "otp": code})
+                body = {"identifier": phone, "otp": code} | ({"password": password} if password else {})
+                r = await client.post("/api/auth/otp/verify", json=body)
                 data = r.json()["data"]
                 return {"token": data["access"], "id": data["user"]["id"]}
 
             async with system.services.db.transaction() as session:
-                await users.ensure_staff(session, phone="+9779800000001", role=Role.OPERATOR)
-            op = await login("+9779800000001")
+                staff = await users.ensure_staff(session, phone="+9779800000001", role=Role.OPERATOR)
+                passwords.set_password(staff, STAFF_PASSWORD, min_length=settings.admin_password_min_length)
+            op = await login("+9779800000001", STAFF_PASSWORD)
             auth_op = {"Authorization": f"Bearer {op['token']}"}
             rng, taken = random.Random(1), set[str]()
             for i in range(cabinets):

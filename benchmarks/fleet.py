@@ -44,7 +44,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from product import STAFF_PHONE, CodeReader, Metrics, ProcessTree, Product, cpu_delta, log_in
+from product import STAFF_PASSWORD, STAFF_PHONE, CodeReader, Metrics, ProcessTree, Product, cpu_delta, log_in
 from profiles import Profiler
 
 from simulators.swarm import (
@@ -348,7 +348,7 @@ async def product_run(
         async with httpx.AsyncClient(base_url=product.base_url, timeout=30, limits=limits) as client:
             metrics = Metrics(client)
             codes = CodeReader(product.sms_file)
-            staff = await log_in(client, codes, STAFF_PHONE)
+            staff = await log_in(client, codes, STAFF_PHONE, password=STAFF_PASSWORD)
             t = time.monotonic()
             specs = await provision(client, staff, specs, args.setup_concurrency)
             per_s = len(specs) / (time.monotonic() - t)

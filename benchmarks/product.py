@@ -25,6 +25,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 STAFF_PHONE = "+9779800000001"
+STAFF_PASSWORD = "benchmark staff password"
 
 
 def free_port() -> int:
@@ -108,12 +109,23 @@ class Product:
             )
 
     def create_staff(self) -> None:
+        """The benchmark's admin, with STAFF_PASSWORD (staff log in with code + password)."""
         subprocess.run(
-            [powerbank_command(), "admin", "create", "--phone", STAFF_PHONE, "--role", "admin"],
+            [
+                powerbank_command(),
+                "admin",
+                "create",
+                "--phone",
+                STAFF_PHONE,
+                "--role",
+                "admin",
+                "--password-stdin",
+            ],
             env=self.env(),
             cwd=self.checkout,
             check=True,
             capture_output=True,
+            input=f"{STAFF_PASSWORD}\n".encode(),
         )
 
     def stop(self) -> None:
@@ -242,8 +254,11 @@ class CodeReader:
         return self._codes.pop(phone, None)
 
 
-async def log_in(client: httpx.AsyncClient, codes: CodeReader, phone: str) -> dict[str, str]:
-    """`{"token", "id"}` of `phone`, logged in by one-time code (the account is made on first login)."""
+async def log_in(
+    client: httpx.AsyncClient, codes: CodeReader, phone: str, *, password: str | None = None
+) -> dict[str, str]:
+    """`{"token", "id"}` of `phone`, logged in by one-time code (the account is made on first login); staff
+    add their password."""
     response = await client.post("/api/auth/otp/request", json={"identifier": phone})
     response.raise_for_status()
     code = None
@@ -254,7 +269,8 @@ async def log_in(client: httpx.AsyncClient, codes: CodeReader, phone: str) -> di
         await asyncio.sleep(0.01)
     if code is None:
         raise SystemExit(f"no one-time code for {phone} in {codes.path}")
-    response = await client.post("/api/auth/otp/verify", json={"identifier": phone, "otp": code})
+    body = {"identifier": phone, "otp": code} | ({"password": password} if password else {})
+    response = await client.post("/api/auth/otp/verify", json=body)
     response.raise_for_status()
     data = response.json()["data"]
     return {"token": data["access"], "id": data["user"]["id"]}

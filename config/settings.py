@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     jwt_secret: str | None = None
     jwt_access_ttl_s: int = 15 * 60
     jwt_refresh_ttl_s: int = 30 * 24 * 3600
+    # an operator's wallet credits in 24 h above this wait for a second operator (202, credit-approvals)
+    staff_daily_credit_cap: Decimal = Field(default=Decimal("50000.00"), gt=0)
+    jwt_staff_refresh_ttl_s: int = Field(default=12 * 3600, ge=300)  # operators and admins: a working day
     # a refresh token presented again this soon returns the same new pair (a retry after a lost answer);
     # later, it revokes its family. 0: no grace.
     refresh_reuse_grace_s: int = Field(default=30, ge=0, le=300)

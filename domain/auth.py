@@ -144,7 +144,7 @@ async def verify_code(
     """Check the latest live code (`consume_code`); on success return (user, is_new_user), creating the
     user on the first login."""
     kind, ident = await consume_code(
-        session, redis, identifier=identifier, code=code, ip=ip, settings=settings
+        session, redis, identifier=identifier, code=code, ip=ip, settings=settings, keep_failures=True
     )
     column = User.phone if kind == "phone" else User.email
     user = await session.scalar(select(User).where(column == ident))
@@ -160,7 +160,14 @@ async def verify_code(
 
 
 async def consume_code(
-    session: AsyncSession, redis: Redis, *, identifier: str, code: str, ip: str, settings: Settings
+    session: AsyncSession,
+    redis: Redis,
+    *,
+    identifier: str,
+    code: str,
+    ip: str,
+    settings: Settings,
+    keep_failures: bool = False,
 ) -> tuple[str, str]:
     """Check the latest live code sent to `identifier` and mark it used; return (kind, normalised
     identifier). No user is looked up or created: a login (`verify_code`) or a proof of owning an
@@ -182,7 +189,8 @@ async def consume_code(
     except Unauthorized:
         await lockout.failed(redis, settings, identifier=ident, ip=ip)
         raise
-    await lockout.succeeded(redis, identifier=ident, ip=ip)
+    if not keep_failures:  # a login clears them only once its second factor (if any) passed too
+        await lockout.succeeded(redis, identifier=ident, ip=ip)
     return kind, ident
 
 
@@ -272,9 +280,11 @@ def _encode(user: User, *, kind: str, ttl: int, family: str, settings: Settings)
 def issue_tokens(user: User, settings: Settings, *, family: str | None = None) -> TokenPair:
     """A new access + refresh pair; without `family` a new family starts (a login)."""
     family = family or secrets.token_hex(16)
+    staff = user.role in (Role.OPERATOR, Role.ADMIN)
+    refresh_ttl = settings.jwt_staff_refresh_ttl_s if staff else settings.jwt_refresh_ttl_s
     return TokenPair(
         access=_encode(user, kind=ACCESS, ttl=settings.jwt_access_ttl_s, family=family, settings=settings),
-        refresh=_encode(user, kind=REFRESH, ttl=settings.jwt_refresh_ttl_s, family=family, settings=settings),
+        refresh=_encode(user, kind=REFRESH, ttl=refresh_ttl, family=family, settings=settings),
     )
 
 

@@ -112,10 +112,11 @@ def demo_instructions(settings: Settings) -> str:
   Stations   {", ".join(s[0] for s in DEMO_STATIONS)} (simulated cabinets)
 
 [bold]A full rental[/bold] (one-time codes appear in {where}):
-  # 1. an operator (in another shell): powerbank admin create --phone +9779800000001 --role operator
+  # 1. an operator (in another shell; staff log in with code + password):
+  #    powerbank admin create --phone +9779800000001 --role operator --password
   curl -s -XPOST {base}/api/auth/otp/request -H 'content-type: application/json' -d '{{"identifier":"+9779800000001"}}'
   OP=$(curl -s -XPOST {base}/api/auth/otp/verify -H 'content-type: application/json' \\
-       -d '{{"identifier":"+9779800000001","otp":"<CODE>"}}' | python3 -c 'import json,sys;print(json.load(sys.stdin)["data"]["access"])')
+       -d '{{"identifier":"+9779800000001","otp":"<CODE>","password":"<PASSWORD>"}}' | python3 -c 'import json,sys;print(json.load(sys.stdin)["data"]["access"])')
   # 2. a user logs in
   curl -s -XPOST {base}/api/auth/otp/request -H 'content-type: application/json' -d '{{"identifier":"+9779812345678"}}'
   LOGIN=$(curl -s -XPOST {base}/api/auth/otp/verify -H 'content-type: application/json' \\

@@ -123,6 +123,9 @@ class User(Base):
     avatar_url: Mapped[str | None] = mapped_column(String(500))
     # argon2 hash; only operators and admins have one (the /admin web login). App users log in by code.
     password_hash: Mapped[str | None] = mapped_column(String(255))
+    # staff second factor (domain.second_factor): confirmed TOTP secret, and one being enrolled
+    totp_secret: Mapped[str | None] = mapped_column(String(64))
+    totp_pending_secret: Mapped[str | None] = mapped_column(String(64))
     is_active: Mapped[bool] = mapped_column(default=True, server_default=text("true"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 

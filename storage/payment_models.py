@@ -74,3 +74,27 @@ class PaymentIntent(Base):
             postgresql_where=text("status IN ('PENDING', 'EXPIRED')"),
         ),
     )
+
+
+class CreditApproval(Base):
+    """An operator's wallet credit over their daily cap (STAFF_DAILY_CREDIT_CAP), waiting for a second
+    operator. Approved once: its ledger reference is `credit-approval:<id>`."""
+
+    __tablename__ = "credit_approvals"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    reason: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default="PENDING")
+    requested_by: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    decided_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
+    decision_reason: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="credit_amount_positive"),
+        CheckConstraint("status IN ('PENDING', 'APPROVED', 'REJECTED')", name="credit_status_known"),
+        Index("ix_credit_approvals_pending", "created_at", postgresql_where=text("status = 'PENDING'")),
+    )

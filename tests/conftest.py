@@ -147,12 +147,14 @@ class Api:
         codes = (re.search(r"code is (\d{6})", m["text"]) for m in reversed(lines) if m["to"] == phone)
         return next(code.group(1) for code in codes if code)
 
-    async def login(self, phone: str) -> dict[str, Any]:
+    async def login(self, phone: str, *, password: str | None = None) -> dict[str, Any]:
+        """By one-time code; staff add their password (the second factor)."""
         r = await self.client.post("/api/auth/otp/request", json={"identifier": phone})
         assert r.status_code == 200, r.text
-        r = await self.client.post(
-            "/api/auth/otp/verify", json={"identifier": phone, "otp": self.last_code(phone)}
+        body = {"identifier": phone, "otp": self.last_code(phone)} | (
+            {"password": password} if password else {}
         )
+        r = await self.client.post("/api/auth/otp/verify", json=body)
         assert r.status_code == 200, r.text
         data: dict[str, Any] = r.json()["data"]
         return data
@@ -175,14 +177,22 @@ def new_phone() -> str:
     return f"+97798{next(_phone_counter) + os.getpid() % 50 * 100_000:08d}"
 
 
-@pytest.fixture
-async def operator_token(system: Any, api: Api) -> str:
-    from domain import users
+STAFF_PASSWORD = "correct horse battery staple"
+
+
+async def staff_login(system: Any, api: Api, role: str = "operator") -> dict[str, Any]:
+    """A new operator (or admin) with a password, logged in by code + password: the login data."""
+    from domain import passwords, users
     from storage.models import Role
 
     phone = new_phone()
     async with system.services.db.transaction() as session:
-        await users.ensure_staff(session, phone=phone, role=Role.OPERATOR)
-    data = await api.login(phone)
-    token: str = data["access"]
+        user = await users.ensure_staff(session, phone=phone, role=Role(role))
+        passwords.set_password(user, STAFF_PASSWORD, min_length=system.settings.admin_password_min_length)
+    return await api.login(phone, password=STAFF_PASSWORD)
+
+
+@pytest.fixture
+async def operator_token(system: Any, api: Api) -> str:
+    token: str = (await staff_login(system, api))["access"]
     return token

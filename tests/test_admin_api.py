@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from simulators.cabinet import CabinetCredentials, CabinetRefused, SimulatedCabinet
 from storage.models import RentalStatus
 from tests import rental_support as money
-from tests.conftest import Api, new_phone
+from tests.conftest import Api, new_phone, staff_login
 from tests.support import eventually, funded_user, metric, provision, rent, start_cabinet, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -39,13 +40,8 @@ async def audit(client: httpx.AsyncClient, token: str, **filters: str) -> list[d
 
 
 async def staff_token(system: Any, api: Api, role: str) -> tuple[str, str]:
-    from domain import users
-    from storage.models import Role
 
-    phone = new_phone()
-    async with system.services.db.transaction() as session:
-        await users.ensure_staff(session, phone=phone, role=Role(role))
-    data = await api.login(phone)
+    data = await staff_login(system, api, role)
     return data["access"], data["user"]["id"]
 
 
@@ -484,6 +480,77 @@ async def same_key_at_once(
     assert any(r.status_code == 201 for r in responses)
     assert len({r.content for r in responses if r.status_code == 201}) == 1  # one answer, replayed
     return responses
+
+
+@pytest.fixture
+def small_cap(system: Any) -> Iterator[Decimal]:
+    settings = system.services.settings
+    saved, settings.staff_daily_credit_cap = settings.staff_daily_credit_cap, Decimal("100.00")
+    try:
+        yield settings.staff_daily_credit_cap
+    finally:
+        settings.staff_daily_credit_cap = saved
+
+
+async def test_credits_over_an_operators_daily_cap_wait_for_a_second_operator(
+    client: httpx.AsyncClient, api: Api, system: Any, small_cap: Decimal
+) -> None:
+    """Issue 10, item 5: one operator could credit up to 1,000,000 a call, without limit."""
+    first_op, _ = await staff_token(system, api, "operator")
+    second_op, _ = await staff_token(system, api, "operator")
+    user = await money.customer(system)
+    path = f"/api/admin/users/{user.id}/wallet/credit"
+    ok_credit = await client.post(path, json={"amount": "60", "reason": "cash"}, headers=keyed(first_op))
+    assert ok_credit.status_code == 201, ok_credit.text
+    headers = keyed(first_op)
+    held = await client.post(path, json={"amount": "50", "reason": "refund by hand"}, headers=headers)
+    assert held.status_code == 202, held.text
+    data = held.json()["data"]
+    assert (data["status"], data["amount"], data["credited_today"], data["daily_cap"]) == (
+        "PENDING_APPROVAL",
+        "50.00",
+        "60.00",
+        "100.00",
+    )
+    replay = await client.post(path, json={"amount": "50", "reason": "refund by hand"}, headers=headers)
+    assert replay.status_code == 202 and replay.headers["Idempotent-Replayed"] == "true"
+    assert await money.balance(system, user) == Decimal("60.00")
+    queue = (await client.get("/api/admin/credit-approvals", headers=auth(second_op))).json()["data"]
+    assert [q["id"] for q in queue if q["id"] == data["approval_id"]] == [data["approval_id"]]
+
+    approve = f"/api/admin/credit-approvals/{data['approval_id']}/approve"
+    own = await client.post(approve, headers=auth(first_op))
+    assert own.status_code == 403, own.text
+    done = await client.post(approve, headers=auth(second_op))
+    assert done.status_code == 200 and done.json()["data"]["status"] == "APPROVED", done.text
+    assert (await client.post(approve, headers=auth(second_op))).status_code == 409
+    assert await money.balance(system, user) == Decimal("110.00")
+
+    held = await client.post(path, json={"amount": "45", "reason": "again"}, headers=keyed(first_op))
+    assert held.status_code == 202  # the cap counts this operator's own credits (60 + 45 > 100)
+    reject = f"/api/admin/credit-approvals/{held.json()['data']['approval_id']}/reject"
+    r = await client.post(reject, json={"reason": "no receipt"}, headers=auth(second_op))
+    assert r.status_code == 200 and r.json()["data"]["status"] == "REJECTED"
+    assert await money.balance(system, user) == Decimal("110.00")
+    assert await money.sound_ledger(system) == 0
+    actions = {
+        e["action"]
+        for e in await audit(client, second_op, target_type="credit_approval", target_id=data["approval_id"])
+    }
+    assert actions == {"wallet.credit_requested", "wallet.credit_approved"}
+
+
+async def test_two_credits_at_once_cannot_both_slip_under_the_cap(
+    client: httpx.AsyncClient, api: Api, system: Any, small_cap: Decimal
+) -> None:
+    op, _ = await staff_token(system, api, "operator")
+    user = await money.customer(system)
+    path = f"/api/admin/users/{user.id}/wallet/credit"
+    answers = await asyncio.gather(
+        *(client.post(path, json={"amount": "60", "reason": "cash"}, headers=keyed(op)) for _ in range(2))
+    )
+    assert sorted(r.status_code for r in answers) == [201, 202], [r.text for r in answers]
+    assert await money.balance(system, user) == Decimal("60.00")
 
 
 async def test_operator_credit_needs_a_key_and_credits_once_per_key(

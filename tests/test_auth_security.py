@@ -32,8 +32,8 @@ from benchmarks import bruteforce_otp
 from config import Settings
 from domain import auth
 from domain.sms import SmsBackend, sms_backend
-from storage.models import OneTimeCode, User
-from tests.conftest import Api, free_port, new_phone
+from storage.models import OneTimeCode, Role, User
+from tests.conftest import STAFF_PASSWORD, Api, free_port, new_phone
 from tests.fakes.server import serve
 from tests.fakes.sparrow import FakeSparrow
 from tests.support import metric
@@ -493,3 +493,91 @@ async def test_keys_rotate_by_kid(system: Any, api: Api) -> None:
         assert await me(client, during["access"]) == 200
     async with local_api(system) as client:  # the default key knows neither
         assert await me(client, during["access"]) == 401
+
+
+# --- staff second factor (issue 10, item 5) ---------------------------------------------------------------
+
+
+async def staff_with_password(system: Any, role: Role = Role.OPERATOR) -> str:
+    from domain import passwords, users
+
+    phone = new_phone()
+    async with system.services.db.transaction() as session:
+        user = await users.ensure_staff(session, phone=phone, role=role)
+        passwords.set_password(user, STAFF_PASSWORD, min_length=system.settings.admin_password_min_length)
+    return phone
+
+
+async def staff_verify(
+    client: httpx.AsyncClient, api: Api, phone: str, ip: str, **factor: str
+) -> httpx.Response:
+    assert (await ask(client, phone, ip)).status_code == 200
+    body = {"identifier": phone, "otp": api.last_code(phone), **factor}
+    return await client.post("/api/auth/otp/verify", json=body, headers=via(ip))
+
+
+def refresh_lifetime(login: httpx.Response) -> int:
+    claims = jwt.decode(login.json()["data"]["refresh"], options={"verify_signature": False})
+    return int(claims["exp"] - claims["iat"])
+
+
+async def test_staff_need_their_password_besides_the_code(
+    client: httpx.AsyncClient, api: Api, system: Any
+) -> None:
+    """An SMS code alone gave an operator a 30-day token that credits wallets and ejects holes."""
+    phone, ip = await staff_with_password(system), new_ip()
+    r = await staff_verify(client, api, phone, ip)
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["code"] == "second_factor_required"
+    assert r.json()["error"]["context"] == {"factor": "password"}
+    r = await staff_verify(client, api, phone, ip, password="not the password")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    r = await staff_verify(client, api, phone, ip, password=STAFF_PASSWORD)
+    assert r.status_code == 200, r.text
+    assert refresh_lifetime(r) == system.settings.jwt_staff_refresh_ttl_s < system.settings.jwt_refresh_ttl_s
+    rider = await staff_verify(client, api, new_phone(), new_ip())  # riders: the code alone, as before
+    assert rider.status_code == 200 and refresh_lifetime(rider) == system.settings.jwt_refresh_ttl_s
+
+
+async def test_wrong_passwords_count_towards_the_lock_out(
+    client: httpx.AsyncClient, api: Api, system: Any
+) -> None:
+    phone, ip = await staff_with_password(system), new_ip()
+    settings = system.services.settings  # each try spends its code: more codes per hour than the default 5
+    saved, settings.otp_per_identifier_per_hour = settings.otp_per_identifier_per_hour, 100
+    try:
+        for _ in range(system.settings.otp_max_attempts):
+            r = await staff_verify(client, api, phone, ip, password="guess")
+            assert r.status_code == 401, r.text
+        r = await staff_verify(client, api, phone, ip, password=STAFF_PASSWORD)
+    finally:
+        settings.otp_per_identifier_per_hour = saved
+    assert r.status_code == 423 and r.json()["error"]["code"] == "locked_out", r.text
+
+
+async def test_after_totp_enrolment_staff_log_in_with_totp(
+    client: httpx.AsyncClient, api: Api, system: Any
+) -> None:
+    import pyotp
+
+    phone, ip = await staff_with_password(system, Role.ADMIN), new_ip()
+    token = (await staff_verify(client, api, phone, ip, password=STAFF_PASSWORD)).json()["data"]["access"]
+    enrol = await client.post("/api/auth/totp/enroll", headers=Api.auth(token))
+    assert enrol.status_code == 200, enrol.text
+    secret = enrol.json()["data"]["secret"]
+    assert enrol.json()["data"]["otpauth_uri"].startswith("otpauth://totp/")
+    wrong_code = f"{(int(pyotp.TOTP(secret).now()) + 1) % 10**6:06d}"
+    bad = await client.post("/api/auth/totp/confirm", json={"totp": wrong_code}, headers=Api.auth(token))
+    assert bad.status_code == 401
+    ok = await client.post(
+        "/api/auth/totp/confirm", json={"totp": pyotp.TOTP(secret).now()}, headers=Api.auth(token)
+    )
+    assert ok.status_code == 200, ok.text
+
+    r = await staff_verify(client, api, phone, ip, password=STAFF_PASSWORD)  # the password no longer does
+    assert r.status_code == 401 and r.json()["error"]["context"] == {"factor": "totp"}
+    r = await staff_verify(client, api, phone, ip, totp=pyotp.TOTP(secret).now())
+    assert r.status_code == 200, r.text
+
+    rider = (await api.login(new_phone()))["access"]
+    assert (await client.post("/api/auth/totp/enroll", headers=Api.auth(rider))).status_code == 403

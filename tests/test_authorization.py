@@ -31,7 +31,7 @@ from sqlalchemy import select
 
 from simulators.cabinet import SimulatedCabinet
 from storage.payment_models import PaymentIntent
-from tests.conftest import Api, new_phone
+from tests.conftest import Api, new_phone, staff_login
 from tests.support import active, eventually, funded_user, rent, start_cabinet, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -115,13 +115,8 @@ def esewa_test_merchant(settings: Any) -> Iterator[None]:
 async def world(base_url: str, system: Any) -> Any:
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         api = Api(client, Path(system.settings.sms_backend[len("file:") :]))
-        from domain import users
-        from storage.models import Role
 
-        phone = new_phone()
-        async with system.services.db.transaction() as session:
-            await users.ensure_staff(session, phone=phone, role=Role.OPERATOR)
-        operator = (await api.login(phone))["access"]
+        operator = (await staff_login(system, api))["access"]
 
         cabinet = await start_cabinet(client, operator, holes=8, banks=None)
         await wait_ready(client, operator, cabinet.sn)
