@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -167,3 +169,16 @@ async def every_result(client: httpx.AsyncClient, url: str, headers: dict[str, s
         if page * data["page_size"] >= data["count"]:
             return rows
         page += 1
+
+
+@contextmanager
+def overridden(settings: Any, **values: Any) -> Iterator[None]:
+    """Set settings fields of the running app for a while, then put the old values back."""
+    saved = {name: getattr(settings, name) for name in values}
+    for name, value in values.items():
+        setattr(settings, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(settings, name, value)

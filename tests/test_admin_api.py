@@ -18,7 +18,16 @@ from simulators.cabinet import CabinetCredentials, CabinetRefused, SimulatedCabi
 from storage.models import RentalStatus
 from tests import rental_support as money
 from tests.conftest import Api, new_phone, staff_login
-from tests.support import eventually, funded_user, metric, provision, rent, start_cabinet, wait_ready
+from tests.support import (
+    eventually,
+    funded_user,
+    metric,
+    overridden,
+    provision,
+    rent,
+    start_cabinet,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -484,12 +493,8 @@ async def same_key_at_once(
 
 @pytest.fixture
 def small_cap(system: Any) -> Iterator[Decimal]:
-    settings = system.services.settings
-    saved, settings.staff_daily_credit_cap = settings.staff_daily_credit_cap, Decimal("100.00")
-    try:
-        yield settings.staff_daily_credit_cap
-    finally:
-        settings.staff_daily_credit_cap = saved
+    with overridden(system.services.settings, staff_daily_credit_cap=Decimal("100.00")):
+        yield system.services.settings.staff_daily_credit_cap
 
 
 async def test_credits_over_an_operators_daily_cap_wait_for_a_second_operator(

@@ -36,7 +36,7 @@ from storage.models import OneTimeCode, Role, User
 from tests.conftest import STAFF_PASSWORD, Api, free_port, new_phone
 from tests.fakes.server import serve
 from tests.fakes.sparrow import FakeSparrow
-from tests.support import metric
+from tests.support import metric, overridden
 
 pytestmark = pytest.mark.integration
 
@@ -347,12 +347,8 @@ async def grace_over(system: Any, refresh_token: str) -> None:
 
 @pytest.fixture
 def short_grace(system: Any) -> Iterator[None]:
-    settings = system.services.settings
-    saved, settings.refresh_reuse_grace_s = settings.refresh_reuse_grace_s, 1
-    try:
+    with overridden(system.services.settings, refresh_reuse_grace_s=1):
         yield
-    finally:
-        settings.refresh_reuse_grace_s = saved
 
 
 async def test_a_refresh_retried_within_the_grace_period_gets_the_same_pair(
@@ -543,15 +539,12 @@ async def test_wrong_passwords_count_towards_the_lock_out(
     client: httpx.AsyncClient, api: Api, system: Any
 ) -> None:
     phone, ip = await staff_with_password(system), new_ip()
-    settings = system.services.settings  # each try spends its code: more codes per hour than the default 5
-    saved, settings.otp_per_identifier_per_hour = settings.otp_per_identifier_per_hour, 100
-    try:
+    # each try spends its code: more codes per hour than the default 5
+    with overridden(system.services.settings, otp_per_identifier_per_hour=100):
         for _ in range(system.settings.otp_max_attempts):
             r = await staff_verify(client, api, phone, ip, password="guess")
             assert r.status_code == 401, r.text
         r = await staff_verify(client, api, phone, ip, password=STAFF_PASSWORD)
-    finally:
-        settings.otp_per_identifier_per_hour = saved
     assert r.status_code == 423 and r.json()["error"]["code"] == "locked_out", r.text
 
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -32,7 +31,7 @@ from sqlalchemy import select
 from simulators.cabinet import SimulatedCabinet
 from storage.payment_models import PaymentIntent
 from tests.conftest import Api, new_phone, staff_login
-from tests.support import active, eventually, funded_user, rent, start_cabinet, wait_ready
+from tests.support import active, eventually, funded_user, overridden, rent, start_cabinet, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -93,22 +92,11 @@ async def notifications(client: httpx.AsyncClient, token: str) -> list[dict[str,
     return results
 
 
-@contextmanager
-def esewa_test_merchant(settings: Any) -> Iterator[None]:
+def esewa_test_merchant(settings: Any) -> AbstractContextManager[None]:
     """eSewa's public test merchant, which only PAYMENTS_SANDBOX lets through, for a while."""
-    sandbox = {
-        "payments_sandbox": True,
-        "esewa_product_code": "EPAYTEST",
-        "esewa_secret_key": "8gBm/:&EnhH.1/q",
-    }
-    saved = {name: getattr(settings, name) for name in sandbox}
-    for name, value in sandbox.items():
-        setattr(settings, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(settings, name, value)
+    return overridden(
+        settings, payments_sandbox=True, esewa_product_code="EPAYTEST", esewa_secret_key="8gBm/:&EnhH.1/q"
+    )
 
 
 @pytest.fixture(scope="module")

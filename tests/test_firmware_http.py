@@ -7,6 +7,7 @@ cabinet whose MQTT session still answers.
 
 from __future__ import annotations
 
+import ipaddress
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -297,7 +298,7 @@ async def test_a_cabinet_that_logged_in_gets_no_new_credentials_without_an_opera
     op = {"Authorization": f"Bearer {operator_token}"}
     r = await client.post(f"/api/admin/stations/{cabinet.sn}/reprovision", headers=op)
     assert r.status_code == 200, r.text
-    ip = f"2001:db8::{uuid.uuid4().hex[:4]}"
+    ip = str(ipaddress.ip_address(f"2001:db8::{uuid.uuid4().hex[:4]}"))  # as the server writes it
     r = await client.get(
         CON, params=signed(uuid=cabinet.sn, version="1.0.3"), headers={"X-Forwarded-For": ip}
     )

@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -20,7 +19,7 @@ from sqlalchemy import func, update
 from tests.conftest import Api, free_port, new_phone
 from tests.fakes import FakeEsewa, FakeKhalti, FakeStripe, serve
 from tests.fakes.esewa import decode_data, encode_data
-from tests.support import metric
+from tests.support import metric, overridden
 
 pytestmark = pytest.mark.integration
 
@@ -63,19 +62,6 @@ async def gateways(system: Any, base_url: str) -> AsyncIterator[Gateways]:
         }
         with overridden(system.services.settings, **overrides):
             yield fakes
-
-
-@contextmanager
-def overridden(settings: Any, **values: Any) -> Iterator[None]:
-    """Set settings fields of the running app for a while, then put the old values back."""
-    saved = {name: getattr(settings, name) for name in values}
-    for name, value in values.items():
-        setattr(settings, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(settings, name, value)
 
 
 # --- helpers -------------------------------------------------------------------------------------
